@@ -1,0 +1,897 @@
+# Copyright 2026 The visincontext authors. Licensed under the Apache License, Version 2.0.
+# The resampler and gated cross-attention follow Flamingo (Alayrac et al., 2022) as written in
+# lucidrains/flamingo-pytorch and OpenFlamingo; the text-centric contrastive loss and the rendered-text
+# latents follow VisInContext (Wang et al., NeurIPS 2024).
+"""PyTorch VisInContext model.
+
+Reading order: media-token embeddings -> Perceiver resampler -> gated cross-attention -> decoder-layer
+wrapper -> contrastive head -> `VisInContextModel` -> `VisInContextForConditionalGeneration`.
+
+Shapes: B batch, T text tokens, N images per sample, P rendered pages per sample, L latents per
+image or page, C = N + 1 chunks (chunk 0 holds the tokens before the first `<image>`), K memory
+slots per chunk, D vision hidden size, H language-model hidden size.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, VisInContextConfig
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class VisInContextModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    media_latents (`torch.FloatTensor` of shape `(B, C, K, D)`):
+        Fused image and rendered-context latents per chunk: what the cross-attention reads. Reused by
+        `generate` so images and pages are encoded once per call.
+    media_latents_mask (`torch.BoolTensor` of shape `(B, C, K)`):
+        Which memory slots hold a real image or page.
+    chunk_ids (`torch.LongTensor` of shape `(B, T)`):
+        Chunk of each text token: the number of `<image>` tokens up to and including it.
+    context_latents (`torch.FloatTensor` of shape `(B, P, L, D)`):
+        Resampled latents of the rendered context pages (zeros for padded pages).
+    """
+
+    media_latents: torch.FloatTensor | None = None
+    media_latents_mask: torch.BoolTensor | None = None
+    chunk_ids: torch.LongTensor | None = None
+    context_latents: torch.FloatTensor | None = None
+
+
+@dataclass
+class VisInContextCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`):
+        `lm_loss + contrastive_loss_weight * contrastive_loss` (the terms that were computed).
+    lm_loss (`torch.FloatTensor` of shape `()`):
+        Next-token cross-entropy over the labels that are not -100.
+    contrastive_loss (`torch.FloatTensor` of shape `()`):
+        Text-centric contrastive loss between rendered-context latents and the same text read by the LM.
+    logits (`torch.FloatTensor` of shape `(B, T, vocab)`):
+        Prediction scores, `vocab = config.output_vocab_size`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    media_latents: torch.FloatTensor | None = None
+    media_latents_mask: torch.BoolTensor | None = None
+    chunk_ids: torch.LongTensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Media-token embeddings: the LM's vocabulary stays frozen, `<image>` and `<|endofchunk|>` train.
+# --------------------------------------------------------------------------------------------------
+
+
+class MediaTokenEmbedding(nn.Embedding):
+    """The language model's token embedding plus separate, trainable rows for the media tokens.
+
+    `weight` keeps the language model's name and values (so it can stay frozen); `media_weight`
+    holds one row per media token id, which may lie inside or past the original vocabulary.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, media_token_ids: tuple[int, ...], padding_idx=None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        self.media_token_ids = tuple(media_token_ids)
+        # initialised here: inside the LM, the LM's own `_init_weights` (which knows nothing of it) is applied
+        self.media_weight = nn.Parameter(torch.randn(len(self.media_token_ids), embedding_dim) * 0.02)
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """input_ids: (B, T) -> embeddings (B, T, H)."""
+        embeds = F.embedding(input_ids.clamp(max=self.num_embeddings - 1), self.weight, self.padding_idx)
+        for row, token_id in enumerate(self.media_token_ids):
+            is_media = (input_ids == token_id).unsqueeze(-1)
+            embeds = torch.where(is_media, self.media_weight[row].to(embeds.dtype), embeds)
+        return embeds
+
+
+class MediaTokenLMHead(nn.Linear):
+    """The language model's output projection plus trainable output rows for the media tokens.
+
+    Logits have `output_vocab_size` columns: the LM's vocabulary, extended when a media token id lies
+    past it; the media tokens' columns come from `media_weight`.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, media_token_ids: tuple[int, ...], output_vocab_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+        self.media_token_ids = tuple(media_token_ids)
+        self.output_vocab_size = output_vocab_size
+        self.media_weight = nn.Parameter(torch.empty(len(self.media_token_ids), hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (B, T, H) -> logits (B, T, output_vocab_size)."""
+        logits = F.linear(hidden_states, self.weight)
+        if self.output_vocab_size > self.out_features:
+            logits = F.pad(logits, (0, self.output_vocab_size - self.out_features))
+        media_logits = F.linear(hidden_states, self.media_weight)  # (B, T, num_media_tokens)
+        index = torch.tensor(self.media_token_ids, device=logits.device).expand(*logits.shape[:-1], -1)
+        return logits.scatter(-1, index, media_logits)
+
+
+# --------------------------------------------------------------------------------------------------
+# Perceiver resampler: a variable number of patch features -> a fixed number of latents.
+# --------------------------------------------------------------------------------------------------
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, mult: int):
+        super().__init__(
+            nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False)
+        )
+
+
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, S, h * dh) -> (B, h, S, dh)"""
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, h, S, dh) -> (B, S, h * dh)"""
+    return x.transpose(1, 2).flatten(2)
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to the media features and to themselves (Flamingo's resampler attention)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, num_heads * head_dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * num_heads * head_dim, bias=False)
+        self.to_out = nn.Linear(num_heads * head_dim, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """media: (M, n, D) patch features; latents: (M, L, D) -> (M, L, D)"""
+        media, latents = self.norm_media(media), self.norm_latents(latents)
+        query = _split_heads(self.to_q(latents), self.num_heads)  # (M, h, L, dh)
+        key, value = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
+        key, value = _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)  # (M, h, n + L, dh)
+        return self.to_out(_merge_heads(F.scaled_dot_product_attention(query, key, value)))
+
+
+class PerceiverResampler(nn.Module):
+    """Turns the patch features of one image or page into `num_latents` latents."""
+
+    def __init__(self, config: VisInContextConfig):
+        super().__init__()
+        dim = config.vision_config.hidden_size
+        self.latents = nn.Parameter(torch.empty(config.num_latents, dim))
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                [
+                    PerceiverAttention(dim, config.resampler_num_heads, config.resampler_head_dim),
+                    FeedForward(dim, config.resampler_ff_mult),
+                ]
+            )
+            for _ in range(config.resampler_depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, media: torch.Tensor) -> torch.Tensor:
+        """media: (M, n, D) -> latents (M, L, D)"""
+        latents = self.latents.unsqueeze(0).expand(media.shape[0], -1, -1)
+        for attention, feed_forward in self.layers:
+            latents = latents + attention(media, latents)
+            latents = latents + feed_forward(latents)
+        return self.norm(latents)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gated cross-attention: text tokens read the latents of their chunk; tanh gates start at 0.
+# --------------------------------------------------------------------------------------------------
+
+
+class MaskedCrossAttention(nn.Module):
+    def __init__(self, config: VisInContextConfig):
+        super().__init__()
+        hidden_size, media_dim = config.text_config.hidden_size, config.vision_config.hidden_size
+        inner = config.cross_attention_num_heads * config.cross_attention_head_dim
+        self.num_heads = config.cross_attention_num_heads
+        self.norm = nn.LayerNorm(hidden_size)
+        self.to_q = nn.Linear(hidden_size, inner, bias=False)
+        self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, media: torch.Tensor, media_attention_mask: torch.Tensor) -> torch.Tensor:
+        """
+        hidden_states: (B, T, H); media: (B, S, D) flattened memory; media_attention_mask: (B, T, S) bool,
+        True where a token may read a slot. Tokens with no readable slot get exactly 0.
+        """
+        query = _split_heads(self.to_q(self.norm(hidden_states)), self.num_heads)  # (B, h, T, dh)
+        key, value = self.to_kv(media.to(hidden_states.dtype)).chunk(2, dim=-1)
+        key, value = _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)  # (B, h, S, dh)
+        reads_media = media_attention_mask.any(dim=-1, keepdim=True)  # (B, T, 1)
+        # A row with no allowed slot would be all -inf (NaN after softmax): let it attend anywhere, then zero it.
+        mask = (media_attention_mask | ~reads_media).unsqueeze(1)  # (B, 1, T, S)
+        attended = _merge_heads(F.scaled_dot_product_attention(query, key, value, attn_mask=mask))
+        return self.to_out(attended * reads_media.to(attended.dtype))
+
+
+class GatedCrossAttentionBlock(GradientCheckpointingLayer):
+    """`x + tanh(attn_gate) * xattn(x)`, then `x + tanh(ff_gate) * ffn(x)`: the identity at initialisation."""
+
+    def __init__(self, config: VisInContextConfig):
+        super().__init__()
+        self.cross_attention = MaskedCrossAttention(config)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.feed_forward = FeedForward(config.text_config.hidden_size, config.cross_attention_ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, hidden_states: torch.Tensor, media: torch.Tensor, media_attention_mask: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (B, T, H); media: (B, S, D); media_attention_mask: (B, T, S) -> (B, T, H)"""
+        hidden_states = hidden_states + self.attn_gate.tanh() * self.cross_attention(hidden_states, media, media_attention_mask)
+        return hidden_states + self.ff_gate.tanh() * self.feed_forward(hidden_states)
+
+
+class VisInContextDecoderLayer(nn.Module):
+    """A decoder layer of the wrapped LM, preceded by a gated cross-attention block where configured.
+
+    The media arrive as keyword arguments of the LM's forward, which v5 decoder stacks hand to every layer.
+    """
+
+    def __init__(self, decoder_layer: nn.Module, cross_attention: GatedCrossAttentionBlock | None):
+        super().__init__()
+        self.cross_attention = cross_attention
+        self.decoder_layer = decoder_layer
+
+    def forward(self, hidden_states: torch.Tensor, *args, media=None, media_attention_mask=None, **kwargs):
+        if self.cross_attention is not None and media is not None:
+            # Positional, so gradient checkpointing (re-entrant) propagates gradients to the media.
+            hidden_states = self.cross_attention(hidden_states, media, media_attention_mask)
+        return self.decoder_layer(hidden_states, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Text-centric contrastive learning (TCCL)
+# --------------------------------------------------------------------------------------------------
+
+
+class TextCentricContrastiveHead(nn.Module):
+    """Pools rendered-context latents and LM hidden states of the same text into one shared space."""
+
+    def __init__(self, config: VisInContextConfig):
+        super().__init__()
+        hidden_size, media_dim = config.text_config.hidden_size, config.vision_config.hidden_size
+        self.visual_norm = nn.LayerNorm(media_dim)
+        self.visual_projection = nn.Linear(media_dim, config.contrastive_dim, bias=False)
+        # upstream: a learned query attends over an intermediate LM hidden state
+        self.text_norm = nn.LayerNorm(hidden_size)
+        self.text_query = nn.Parameter(torch.empty(hidden_size))
+        self.text_projection = nn.Linear(hidden_size, config.contrastive_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.empty(()))
+        self.temperature_init = config.contrastive_temperature_init
+
+    def embed_context(self, context_latents: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        """context_latents: (B, P, L, D), context_mask: (B, P) -> (B, contrastive_dim), unit norm"""
+        weights = context_mask.to(context_latents.dtype)[:, :, None, None]
+        pooled = (context_latents * weights).sum(dim=(1, 2)) / (weights.sum(dim=(1, 2)) * context_latents.shape[2])
+        return F.normalize(self.visual_projection(self.visual_norm(pooled)), dim=-1)
+
+    def embed_text(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (B, S, H), attention_mask: (B, S) -> (B, contrastive_dim), unit norm"""
+        hidden_states = self.text_norm(hidden_states)
+        scores = hidden_states @ self.text_query / hidden_states.shape[-1] ** 0.5  # (B, S)
+        scores = scores.masked_fill(~attention_mask.bool(), torch.finfo(scores.dtype).min)
+        pooled = (scores.softmax(dim=-1).unsqueeze(-1) * hidden_states).sum(dim=1)
+        return F.normalize(self.text_projection(pooled), dim=-1)
+
+    def forward(self, context_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE between matching rows of (B, E) and (B, E)."""
+        logits = self.logit_scale.exp().clamp(max=100) * context_embeds @ text_embeds.T
+        targets = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_rank(name: str, tensor: torch.Tensor | None, shape: str, rank: int) -> None:
+    if tensor is not None and tensor.ndim != rank:
+        raise ValueError(f"{name}: expected {shape}, got shape {tuple(tensor.shape)}")
+
+
+def _check_batch(name: str, tensor: torch.Tensor | None, batch_size: int) -> None:
+    if tensor is not None and tensor.shape[0] != batch_size:
+        raise ValueError(f"{name}: expected batch size {batch_size} (as input_ids), got {tensor.shape[0]}")
+
+
+class VisInContextPreTrainedModel(PreTrainedModel):
+    config: VisInContextConfig
+    config_class = VisInContextConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["VisInContextDecoderLayer", "PerceiverResampler", "CLIPEncoderLayer", "SiglipEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers writes the `auto_map` entry of the saved class only; remote code needs all of them
+        self.config.auto_map = {
+            "AutoConfig": "configuration_visincontext.VisInContextConfig",
+            "AutoModel": "modeling_visincontext.VisInContextModel",
+            "AutoModelForImageTextToText": "modeling_visincontext.VisInContextForConditionalGeneration",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, (MediaTokenEmbedding, MediaTokenLMHead)):
+            init.normal_(module.media_weight, mean=0.0, std=std)
+        elif isinstance(module, PerceiverResampler):
+            init.normal_(module.latents, mean=0.0, std=1.0)
+        elif isinstance(module, GatedCrossAttentionBlock):
+            init.zeros_(module.attn_gate)
+            init.zeros_(module.ff_gate)
+        elif isinstance(module, TextCentricContrastiveHead):
+            init.normal_(module.text_query, mean=0.0, std=std)
+            init.constant_(module.logit_scale, float(torch.log(torch.tensor(1.0 / module.temperature_init))))
+
+    def _freeze_backbones(self) -> None:
+        """Freeze the vision tower and LM body as configured; new parts stay trainable."""
+        for name, param in self.named_parameters():
+            in_vision = "vision_tower." in name
+            in_language = ("language_model." in name or name.startswith("lm_head.")) and not (
+                ".cross_attention." in name or name.endswith("media_weight")
+            )
+            if (in_vision and self.config.freeze_vision_tower) or (in_language and self.config.freeze_language_model):
+                param.requires_grad_(False)
+
+
+class VisInContextModel(VisInContextPreTrainedModel):
+    """Vision tower + two resamplers + a causal LM body with gated cross-attention; returns hidden states."""
+
+    def __init__(self, config: VisInContextConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.image_resampler = PerceiverResampler(config)
+        self.context_resampler = PerceiverResampler(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self._wrap_language_model()
+        self.post_init()
+        self._freeze_backbones()
+
+    def _wrap_language_model(self) -> None:
+        text_config = self.config.text_config
+        layers = getattr(self.language_model, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(
+                f"text_config: {type(self.language_model).__name__} keeps no `layers` ModuleList of decoder layers"
+            )
+        cross_attention_layers = set(self.config.cross_attention_layers)
+        if not cross_attention_layers:
+            raise ValueError(
+                f"cross_attention_every: {self.config.cross_attention_every} leaves no cross-attention layer in a "
+                f"{text_config.num_hidden_layers}-layer language model"
+            )
+        self.language_model.layers = nn.ModuleList(
+            VisInContextDecoderLayer(layer, GatedCrossAttentionBlock(self.config) if i in cross_attention_layers else None)
+            for i, layer in enumerate(layers)
+        )
+        old = self.language_model.get_input_embeddings()
+        embedding = MediaTokenEmbedding(old.num_embeddings, old.embedding_dim, self.config.media_token_ids, old.padding_idx)
+        embedding.weight = old.weight  # keep the LM's (already initialised) vocabulary
+        self.language_model.set_input_embeddings(embedding)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        """pixel_values: (M, 3, H, W) -> `last_hidden_state` (M, n, D) patch features and `pooler_output`
+        (M, L, D) image-resampler latents."""
+        vision_outputs = self.vision_tower(pixel_values=pixel_values, **kwargs)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=self.image_resampler(vision_outputs.last_hidden_state),
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+        )
+
+    def encode_media(
+        self,
+        pixel_values: torch.FloatTensor | None,
+        image_mask: torch.BoolTensor | None,
+        context_pixel_values: torch.FloatTensor | None,
+        context_mask: torch.BoolTensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Encodes the real images and pages (padding skipped) in one vision-tower call.
+
+        pixel_values: (B, N, 3, H, W), image_mask: (B, N); context_pixel_values: (B, P, 3, H, W),
+        context_mask: (B, P). Returns image latents (B, N, L, D) and context latents (B, P, L, D),
+        zeros where padded, or `None` for an absent input.
+        """
+        groups = [(v, m) for v, m in ((pixel_values, image_mask), (context_pixel_values, context_mask)) if v is not None]
+        frames = torch.cat([values[mask] for values, mask in groups])  # (M, 3, H, W)
+        dtype = self.vision_tower.dtype
+        features = self.vision_tower(pixel_values=frames.to(dtype)).last_hidden_state if len(frames) else None
+        outputs, start = [], 0
+        for values, mask, resampler in (
+            (pixel_values, image_mask, self.image_resampler),
+            (context_pixel_values, context_mask, self.context_resampler),
+        ):
+            if values is None:
+                outputs.append(None)
+                continue
+            count = int(mask.sum())
+            latents = values.new_zeros(*mask.shape, self.config.num_latents, self.config.vision_config.hidden_size, dtype=dtype)
+            if count:
+                latents = latents.masked_scatter(mask[..., None, None], resampler(features[start : start + count]))
+            outputs.append(latents)
+            start += count
+        return outputs[0], outputs[1]
+
+    def fuse_media(
+        self,
+        image_latents: torch.Tensor | None,
+        image_valid: torch.BoolTensor | None,
+        context_latents: torch.Tensor | None,
+        context_valid: torch.BoolTensor | None,
+    ) -> tuple[torch.Tensor, torch.BoolTensor]:
+        """Builds the memory each chunk reads: chunk 0 (before any image) holds the context alone,
+        chunk c >= 1 fuses image c - 1 with the context (`config.latent_fusion`).
+
+        image_latents: (B, N, L, D), image_valid: (B, N); context_latents: (B, P, L, D), context_valid: (B, P).
+        Returns memory (B, N + 1, K, D) and its mask (B, N + 1, K).
+        """
+        reference = image_latents if image_latents is not None else context_latents
+        batch_size, _, num_latents, dim = reference.shape
+        if image_latents is None:
+            image_latents, image_valid = reference.new_zeros(batch_size, 0, num_latents, dim), reference.new_zeros(batch_size, 0, dtype=torch.bool)
+        if context_latents is None:
+            context_latents, context_valid = reference.new_zeros(batch_size, 0, num_latents, dim), reference.new_zeros(batch_size, 0, dtype=torch.bool)
+        num_images, num_pages = image_latents.shape[1], context_latents.shape[1]
+        # chunk 0 has no image: prepend an empty slot so chunk c reads image c - 1
+        image_latents = torch.cat([image_latents.new_zeros(batch_size, 1, num_latents, dim), image_latents], dim=1)
+        image_valid = torch.cat([image_valid.new_zeros(batch_size, 1), image_valid], dim=1)  # (B, C)
+        image_latents = image_latents * image_valid[..., None, None].to(image_latents.dtype)
+        image_slots_valid = image_valid[..., None].expand(-1, -1, num_latents)  # (B, C, L)
+        context_flat = context_latents.flatten(1, 2)  # (B, P * L, D)
+        context_slots_valid = context_valid.repeat_interleave(num_latents, dim=1)  # (B, P * L)
+        num_chunks = num_images + 1
+
+        if self.config.latent_fusion == "concat" or num_pages == 0:
+            memory = torch.cat([image_latents, context_flat[:, None].expand(-1, num_chunks, -1, -1)], dim=2)
+            mask = torch.cat([image_slots_valid, context_slots_valid[:, None].expand(-1, num_chunks, -1)], dim=2)
+            return memory, mask
+        # "sum": every page's latents plus the chunk's image latents (upstream adds them element-wise)
+        memory = context_latents[:, None] + image_latents[:, :, None]  # (B, C, P, L, D)
+        page_valid = context_valid[:, None, :].expand(-1, num_chunks, -1)  # (B, C, P)
+        # a sample without pages still reads its image: through page slot 0, which holds zeros
+        no_pages = ~context_valid.any(dim=1)
+        first_page = torch.zeros_like(context_valid)
+        first_page[:, 0] = True
+        page_valid = page_valid | (image_valid & no_pages[:, None])[..., None] & first_page[:, None]
+        return memory.flatten(2, 3), page_valid.repeat_interleave(num_latents, dim=2)
+
+    def cross_attention_mask(self, chunk_ids: torch.LongTensor, media_latents_mask: torch.BoolTensor) -> torch.BoolTensor:
+        """chunk_ids: (B, T), media_latents_mask: (B, C, K) -> (B, T, C * K): which slots each token reads."""
+        num_chunks, num_slots = media_latents_mask.shape[1:]
+        chunk_ids = chunk_ids.clamp(max=num_chunks - 1)
+        chunks = torch.arange(num_chunks, device=chunk_ids.device)
+        readable = chunks[None, None, :] == chunk_ids[..., None]  # (B, T, C)
+        readable = readable[..., None].expand(-1, -1, -1, num_slots)
+        if not self.config.only_attend_immediate_media:
+            # earlier images, but the context (which every chunk holds) only once: from the token's own chunk
+            is_image_slot = torch.arange(num_slots, device=chunk_ids.device) < self.config.num_latents
+            if self.config.latent_fusion == "sum" and num_slots != self.config.num_latents:
+                is_image_slot = torch.ones_like(is_image_slot)  # fused slots: each carries its own image
+            earlier = (chunks[None, None, :] < chunk_ids[..., None]) & (chunks >= 1)
+            readable = readable | (earlier[..., None] & is_image_slot)
+        return (readable & media_latents_mask[:, None]).flatten(2)
+
+    def _chunk_ids(self, input_ids, inputs_embeds, past_chunk_ids) -> torch.LongTensor:
+        if input_ids is not None:
+            is_image = input_ids == self.config.image_token_id
+        else:
+            image_embedding = self.get_input_embeddings()(
+                torch.tensor([[self.config.image_token_id]], device=inputs_embeds.device)
+            )
+            is_image = (inputs_embeds == image_embedding).all(dim=-1)
+        chunk_ids = is_image.long().cumsum(dim=1)
+        if past_chunk_ids is not None:
+            chunk_ids = chunk_ids + past_chunk_ids[:, None]
+        return chunk_ids
+
+    def _validate(self, input_ids, inputs_embeds, pixel_values, image_mask, context_pixel_values, context_mask, image_latents_mask):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids: pass exactly one of input_ids or inputs_embeds")
+        _check_rank("input_ids", input_ids, "(batch, sequence)", 2)
+        _check_rank("inputs_embeds", inputs_embeds, "(batch, sequence, hidden)", 3)
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        _check_rank("pixel_values", pixel_values, "(batch, images, 3, height, width)", 5)
+        _check_rank("context_pixel_values", context_pixel_values, "(batch, pages, 3, height, width)", 5)
+        for name, tensor, rank in (("image_mask", image_mask, 2), ("context_mask", context_mask, 2), ("image_latents_mask", image_latents_mask, 2)):
+            _check_rank(name, tensor, "(batch, media)", rank)
+        for name, tensor in (
+            ("pixel_values", pixel_values), ("image_mask", image_mask), ("context_pixel_values", context_pixel_values),
+            ("context_mask", context_mask), ("image_latents_mask", image_latents_mask),
+        ):
+            _check_batch(name, tensor, batch_size)
+        for values, mask, names in ((pixel_values, image_mask, ("pixel_values", "image_mask")), (context_pixel_values, context_mask, ("context_pixel_values", "context_mask"))):
+            if mask is not None and (values is None or mask.shape != values.shape[:2]):
+                got = None if values is None else tuple(values.shape[:2])
+                raise ValueError(f"{names[1]}: expected shape {got} (the first two dims of {names[0]}), got {tuple(mask.shape)}")
+        if image_latents_mask is not None and (pixel_values is None or image_latents_mask.shape != pixel_values.shape[:2]):
+            raise ValueError("image_latents_mask: expected shape (batch, images) matching pixel_values")
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        image_mask: torch.BoolTensor | None = None,
+        context_pixel_values: torch.FloatTensor | None = None,
+        context_mask: torch.BoolTensor | None = None,
+        image_latents_mask: torch.BoolTensor | None = None,
+        media_latents: torch.FloatTensor | None = None,
+        media_latents_mask: torch.BoolTensor | None = None,
+        past_chunk_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> VisInContextModelOutputWithPast:
+        r"""
+        input_ids (`(B, T)`): token ids; `<image>` marks where each image stands.
+        pixel_values (`(B, N, 3, H, W)`): images in `<image>` order; `image_mask` (`(B, N)`) marks real ones.
+        context_pixel_values (`(B, P, 3, H, W)`): rendered context pages; `context_mask` (`(B, P)`) marks real ones.
+        image_latents_mask (`(B, N)`): False drops an image's latents (token masking), leaving the context.
+        media_latents (`(B, C, K, D)`) / media_latents_mask (`(B, C, K)`): pre-encoded memory from an earlier
+            output (used by `generate`); when given, images and pages are not encoded again.
+        past_chunk_ids (`(B,)`): chunk of the last cached token, so that new tokens continue its chunk.
+        """
+        self._validate(input_ids, inputs_embeds, pixel_values, image_mask, context_pixel_values, context_mask, image_latents_mask)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        chunk_ids = self._chunk_ids(input_ids, inputs_embeds, past_chunk_ids)
+
+        if pixel_values is not None and image_mask is None:
+            image_mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
+        if context_pixel_values is not None and context_mask is None:
+            context_mask = torch.ones(context_pixel_values.shape[:2], dtype=torch.bool, device=context_pixel_values.device)
+        if media_latents is None and input_ids is not None:  # the prompt's <image> tokens must match its images
+            num_image_tokens = (input_ids == self.config.image_token_id).sum(dim=1)
+            num_images = image_mask.sum(dim=1) if image_mask is not None else torch.zeros_like(num_image_tokens)
+            if (num_image_tokens > num_images).any():
+                raise ValueError(
+                    f"input_ids: more {IMAGE_TOKEN} tokens than images per sample: {num_image_tokens.tolist()} tokens "
+                    f"for {num_images.tolist()} images in pixel_values"
+                )
+            if (num_image_tokens < num_images).any():
+                raise ValueError(
+                    f"pixel_values: images without a {IMAGE_TOKEN} token per sample: {num_images.tolist()} images "
+                    f"for {num_image_tokens.tolist()} tokens in input_ids"
+                )
+
+        context_latents = None
+        if media_latents is None and (pixel_values is not None or context_pixel_values is not None):
+            image_latents, context_latents = self.encode_media(pixel_values, image_mask, context_pixel_values, context_mask)
+            image_valid = image_mask if image_latents_mask is None else image_mask & image_latents_mask.bool()
+            media_latents, media_latents_mask = self.fuse_media(image_latents, image_valid, context_latents, context_mask)
+
+        media, media_attention_mask = None, None
+        if media_latents is not None:
+            media = media_latents.flatten(1, 2)  # (B, C * K, D)
+            media_attention_mask = self.cross_attention_mask(chunk_ids, media_latents_mask)
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            media=media,
+            media_attention_mask=media_attention_mask,
+            **kwargs,
+        )
+        return VisInContextModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            media_latents=media_latents,
+            media_latents_mask=media_latents_mask,
+            chunk_ids=chunk_ids,
+            context_latents=context_latents,
+        )
+
+
+class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, GenerationMixin):
+    """VisInContext with a language-modeling head, the contrastive loss and `generate`."""
+
+    _tied_weights_keys = {
+        "lm_head.weight": "model.language_model.embed_tokens.weight",
+        "lm_head.media_weight": "model.language_model.embed_tokens.media_weight",
+    }
+    _keys_to_ignore_on_load_unexpected = None
+
+    def __init__(self, config: VisInContextConfig):
+        super().__init__(config)
+        self.model = VisInContextModel(config)
+        text_config = config.text_config
+        self.lm_head = MediaTokenLMHead(
+            text_config.hidden_size, text_config.vocab_size, config.media_token_ids, config.output_vocab_size
+        )
+        self.contrastive_head = TextCentricContrastiveHead(config)
+        self.post_init()
+        self._freeze_backbones()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs):
+        return self.model.get_image_features(pixel_values=pixel_values, **kwargs)
+
+    def contrastive_loss(
+        self,
+        context_latents: torch.Tensor,
+        context_mask: torch.BoolTensor,
+        context_input_ids: torch.LongTensor,
+        context_attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """TCCL over the samples that have both rendered pages and the context's token ids.
+
+        context_latents: (B, P, L, D); context_mask: (B, P); context_input_ids / context_attention_mask: (B, S).
+        The LM reads the context tokens without gradient: its body is frozen, and this keeps the loss cheap.
+        """
+        if context_attention_mask is None:
+            context_attention_mask = torch.ones_like(context_input_ids)
+        has_both = context_mask.any(dim=1) & context_attention_mask.bool().any(dim=1)
+        layer = self.config.contrastive_text_layer
+        if layer is None:
+            layer = self.config.text_config.num_hidden_layers // 2
+        with torch.no_grad():
+            hidden_states = self.model.language_model(
+                input_ids=context_input_ids[has_both],
+                attention_mask=context_attention_mask[has_both],
+                output_hidden_states=True,
+            ).hidden_states[layer]
+        head = self.contrastive_head
+        context_embeds = head.embed_context(context_latents[has_both], context_mask[has_both])
+        text_embeds = head.embed_text(hidden_states.to(context_embeds.dtype), context_attention_mask[has_both])
+        return head(context_embeds, text_embeds)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        image_mask: torch.BoolTensor | None = None,
+        context_pixel_values: torch.FloatTensor | None = None,
+        context_mask: torch.BoolTensor | None = None,
+        image_latents_mask: torch.BoolTensor | None = None,
+        context_input_ids: torch.LongTensor | None = None,
+        context_attention_mask: torch.Tensor | None = None,
+        media_latents: torch.FloatTensor | None = None,
+        media_latents_mask: torch.BoolTensor | None = None,
+        past_chunk_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> VisInContextCausalLMOutputWithPast:
+        r"""
+        See `VisInContextModel.forward` for the media inputs. Also:
+        context_input_ids / context_attention_mask (`(B, S)`): the rendered context as tokens, for the
+            contrastive loss (pretraining only).
+        labels (`(B, T)`): next-token targets aligned with `input_ids` (shifted inside), -100 to ignore.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            image_mask=image_mask,
+            context_pixel_values=context_pixel_values,
+            context_mask=context_mask,
+            image_latents_mask=image_latents_mask,
+            media_latents=media_latents,
+            media_latents_mask=media_latents_mask,
+            past_chunk_ids=past_chunk_ids,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        lm_loss = contrastive_loss = loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.output_vocab_size, **kwargs)
+            loss = lm_loss
+        if context_input_ids is not None and outputs.context_latents is not None:
+            if context_mask is None:
+                context_mask = torch.ones(outputs.context_latents.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            contrastive_loss = self.contrastive_loss(outputs.context_latents, context_mask, context_input_ids, context_attention_mask)
+            if self.config.contrastive_loss_weight:
+                weighted = self.config.contrastive_loss_weight * contrastive_loss
+                loss = weighted if loss is None else loss + weighted
+
+        return VisInContextCausalLMOutputWithPast(
+            loss=loss,
+            lm_loss=lm_loss,
+            contrastive_loss=contrastive_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            media_latents=outputs.media_latents,
+            media_latents_mask=outputs.media_latents_mask,
+            chunk_ids=outputs.chunk_ids,
+        )
+
+    # ---- generation: encode images and pages once, at prefill --------------------------------------
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        media_latents: torch.Tensor | None = None,
+        media_latents_mask: torch.Tensor | None = None,
+        past_chunk_ids: torch.LongTensor | None = None,
+        context_pixel_values: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        image_latents_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict[str, Any]:
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if media_latents is None:  # prefill: encode the media
+            model_inputs.update(
+                context_pixel_values=context_pixel_values,
+                context_mask=context_mask,
+                image_mask=image_mask,
+                image_latents_mask=image_latents_mask,
+            )
+            return model_inputs
+        # later steps reuse the memory from the prefill; raw media are not sent again
+        model_inputs.pop("pixel_values", None)
+        cached = past_key_values is not None and past_key_values.get_seq_length() > 0
+        model_inputs.update(
+            media_latents=media_latents,
+            media_latents_mask=media_latents_mask,
+            past_chunk_ids=past_chunk_ids if cached else None,
+        )
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(
+        self, outputs: ModelOutput, model_kwargs: dict[str, Any], is_encoder_decoder: bool = False, num_new_tokens: int = 1
+    ) -> dict[str, Any]:
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        if outputs.media_latents is not None:
+            model_kwargs["media_latents"] = outputs.media_latents
+            model_kwargs["media_latents_mask"] = outputs.media_latents_mask
+        model_kwargs["past_chunk_ids"] = outputs.chunk_ids[:, -1]
+        return model_kwargs
+
+    # ---- building from pretrained backbones ---------------------------------------------------------
+
+    @classmethod
+    def from_backbones(
+        cls,
+        vision_model: str,
+        language_model: str,
+        *,
+        vision_model_kwargs: dict | None = None,
+        language_model_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "VisInContextForConditionalGeneration":
+        """Builds a model around pretrained backbones (Hub ids or local folders, real `from_pretrained`).
+
+        The vision tower and language model keep their pretrained weights; resamplers, cross-attention,
+        media-token rows and contrastive heads are freshly initialised. `<image>` and `<|endofchunk|>`
+        take the ids the language model's tokenizer gives them (as `VisInContextProcessor.from_backbones`
+        does). Extra keyword arguments go to `VisInContextConfig` (e.g. `cross_attention_every=4`).
+        `language_model_kwargs` go to the LM's `from_pretrained` (e.g. `gguf_file`, `dtype`).
+        """
+        for name, value in (("vision_model", vision_model), ("language_model", language_model)):
+            if not isinstance(value, str):
+                raise TypeError(f"{name}: expected a Hub id or a local folder (str), got {type(value).__name__}")
+        vision_model_kwargs, language_model_kwargs = vision_model_kwargs or {}, language_model_kwargs or {}
+        vision_tower = load_vision_tower(vision_model, **vision_model_kwargs)
+        causal_lm = AutoModelForCausalLM.from_pretrained(language_model, **language_model_kwargs)
+        tokenizer_kwargs = {k: v for k, v in language_model_kwargs.items() if k in ("gguf_file", "revision", "token")}
+        tokenizer = AutoTokenizer.from_pretrained(language_model, **tokenizer_kwargs)
+        tokenizer.add_tokens([IMAGE_TOKEN, END_OF_CHUNK_TOKEN], special_tokens=True)
+        text_config = causal_lm.config
+        if getattr(text_config, "quantization_config", None) is not None and "gguf_file" in language_model_kwargs:
+            del text_config.quantization_config  # dequantised on load: the weights are plain tensors now
+        config = VisInContextConfig(
+            vision_config=vision_tower.config,
+            text_config=text_config,
+            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            end_of_chunk_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN),
+            **config_kwargs,
+        )
+        model = cls(config).to(causal_lm.dtype)
+        model.model.vision_tower.load_state_dict(vision_tower.state_dict())
+        body = causal_lm.get_decoder()
+        renamed = {
+            (f"layers.{k.split('.', 2)[1]}.decoder_layer.{k.split('.', 2)[2]}" if k.startswith("layers.") else k): v
+            for k, v in body.state_dict().items()
+        }
+        missing, unexpected = model.model.language_model.load_state_dict(renamed, strict=False)
+        new_parts = [k for k in missing if ".cross_attention." not in k and not k.endswith("media_weight")]
+        if new_parts or unexpected:
+            raise ValueError(f"language_model: weights do not match the wrapped model (missing {new_parts}, unexpected {unexpected})")
+        with torch.no_grad():
+            model.lm_head.weight.copy_(causal_lm.get_output_embeddings().weight)
+        model._freeze_backbones()
+        return model
+
+
+def load_vision_tower(name_or_path: str, **kwargs) -> PreTrainedModel:
+    """Loads the vision half of a checkpoint (a CLIP/SigLIP dual encoder or a vision-only model)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
+    vision_config = getattr(config, "vision_config", config)
+    model_class = AutoModel._model_mapping[type(vision_config)]
+    return model_class.from_pretrained(name_or_path, **kwargs)
+
+
+__all__ = [
+    "VisInContextPreTrainedModel",
+    "VisInContextModel",
+    "VisInContextForConditionalGeneration",
+    "VisInContextModelOutputWithPast",
+    "VisInContextCausalLMOutputWithPast",
+]

@@ -1,0 +1,347 @@
+"""Behaviour of VisInContextForConditionalGeneration (issue: core model)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CLIPVisionModel
+
+from tiny import EOC_ID, IMAGE_ID, VOCAB, open_gates, sample_batch, tiny_config, tiny_model, tiny_tokenizer
+from visincontext import VisInContextForConditionalGeneration
+
+BACKBONES = [("clip", "llama"), ("siglip", "qwen2"), ("clip", "mistral")]
+
+
+def bare_lm(model):
+    """The wrapped LM as a plain causal LM with the same weights (media-token rows copied in)."""
+    text_config = model.config.text_config.__class__(**model.config.text_config.to_dict())
+    text_config.vocab_size = model.config.output_vocab_size
+    lm = AutoModelForCausalLM.from_config(text_config).eval()
+    body = model.model.language_model
+    state = {}
+    for key, value in body.state_dict().items():
+        if ".cross_attention." in key or key.endswith("media_weight"):
+            continue
+        state[key.replace(".decoder_layer.", ".")] = value
+    embed = torch.cat([body.embed_tokens.weight, body.embed_tokens.media_weight])
+    state["embed_tokens.weight"] = embed
+    lm.model.load_state_dict(state)
+    with torch.no_grad():
+        lm.lm_head.weight.copy_(torch.cat([model.lm_head.weight, model.lm_head.media_weight]))
+    return lm
+
+
+@pytest.mark.parametrize("vision,text", BACKBONES)
+def test_zero_gates_equal_bare_language_model(vision, text):
+    model = tiny_model(vision=vision, text=text)
+    batch = sample_batch()
+    with torch.no_grad():
+        logits = model(**batch).logits
+        reference = bare_lm(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert logits.shape == reference.shape
+    assert (logits - reference).abs().max().item() < 1e-5
+    # and the media really reach the layers once the gates open
+    with torch.no_grad():
+        assert (open_gates(model)(**batch).logits - reference).abs().max().item() > 1e-3
+
+
+def _chunk_slices(input_ids):
+    is_image = (input_ids == IMAGE_ID).long().cumsum(0)
+    return is_image
+
+
+def test_tokens_before_first_image_ignore_images():
+    model = open_gates(tiny_model())
+    batch = sample_batch()
+    other = dict(batch, pixel_values=torch.randn_like(batch["pixel_values"]))
+    with torch.no_grad():
+        a, b = model(**batch).logits, model(**other).logits
+    for row in range(2):
+        first = (batch["input_ids"][row] == IMAGE_ID).nonzero()[0].item()
+        assert torch.equal(a[row, :first], b[row, :first])
+        assert (a[row, first:] - b[row, first:]).abs().max() > 1e-4
+
+
+def test_changing_image_k_changes_only_chunk_k_and_later():
+    model = open_gates(tiny_model(only_attend_immediate_media=True))
+    batch = sample_batch()
+    ids = batch["input_ids"][0]
+    chunk = _chunk_slices(ids)
+    for k in (0, 1):
+        changed = batch["pixel_values"].clone()
+        changed[0, k] = torch.randn_like(changed[0, k])
+        with torch.no_grad():
+            a = model(**batch).logits[0]
+            b = model(**dict(batch, pixel_values=changed)).logits[0]
+        differs = (a - b).abs().amax(-1) > 1e-6
+        assert not differs[chunk < k + 1].any(), f"image {k} leaked into earlier chunks"
+        assert differs[chunk == k + 1].all(), f"image {k} did not reach its chunk"
+    # the last image changes exactly its own chunk
+    assert torch.equal(differs, chunk == 2)
+
+
+def test_cross_attention_mask_reads_own_chunk_only():
+    model = tiny_model(only_attend_immediate_media=True, latent_fusion="concat")
+    batch = sample_batch()
+    with torch.no_grad():
+        out = model(**batch)
+    L = model.config.num_latents
+    mask = model.model.cross_attention_mask(out.chunk_ids, out.media_latents_mask)  # (B, T, C * K)
+    num_chunks, num_slots = out.media_latents_mask.shape[1:]
+    mask = mask.view(2, -1, num_chunks, num_slots)
+    for t, c in enumerate(out.chunk_ids[0].tolist()):
+        readable_chunks = mask[0, t].any(-1).nonzero().flatten().tolist()
+        assert readable_chunks == [c]
+        assert mask[0, t, c, :L].all() == (c >= 1)  # its image (chunk 0 has none)
+        assert mask[0, t, c, L : L + 2 * L].all() and not mask[0, t, c, L + 2 * L :].any()  # 2 real pages of 3
+    # sample 2 has no pages: tokens before its image read nothing
+    assert not mask[1, :3].any()
+
+    model.config.only_attend_immediate_media = False
+    mask = model.model.cross_attention_mask(out.chunk_ids, out.media_latents_mask).view(2, -1, num_chunks, num_slots)
+    last = out.chunk_ids.shape[1] - 1
+    assert mask[0, last, 1, :L].all() and not mask[0, last, 1, L:].any()  # earlier image, not its context copy
+    assert mask[0, last, 2].any()
+
+
+@pytest.mark.parametrize("fusion", ["sum", "concat"])
+def test_images_only_pages_only_both_and_token_masking(fusion):
+    model = open_gates(tiny_model(latent_fusion=fusion))
+    batch = sample_batch()
+    images_only = {k: v for k, v in batch.items() if not k.startswith("context")}
+    text_only_ids = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_ID, 3)
+    pages_only = dict(input_ids=text_only_ids, attention_mask=batch["attention_mask"],
+                      context_pixel_values=batch["context_pixel_values"], context_mask=batch["context_mask"])
+    with torch.no_grad():
+        both = model(**batch).logits
+        img = model(**images_only).logits
+        pages = model(**pages_only).logits
+        bare = model(input_ids=text_only_ids, attention_mask=batch["attention_mask"]).logits
+        dropped = model(**batch, image_latents_mask=torch.zeros(2, 2, dtype=torch.bool)).logits
+        dropped_other = model(
+            **dict(batch, pixel_values=torch.randn_like(batch["pixel_values"])), image_latents_mask=torch.zeros(2, 2, dtype=torch.bool)
+        ).logits
+    assert not torch.allclose(both, img) and not torch.allclose(both, pages) and not torch.allclose(pages, bare)
+    # dropping the image latents removes every trace of the images
+    assert torch.equal(dropped, dropped_other)
+    assert not torch.allclose(dropped, both)
+    # sample 0 has pages: with its images dropped every token reads exactly the pages, as in the pages-only run
+    # (same positions; only the <image> token ids themselves differ, so compare the tokens before the first one)
+    first = (batch["input_ids"][0] == IMAGE_ID).nonzero()[0].item()
+    assert torch.allclose(dropped[0, :first], pages[0, :first], atol=1e-6)
+
+
+def test_dropped_images_match_pages_only_memory():
+    """With all images dropped, the cross-attention reads the same memory as a run without images."""
+    for fusion in ("sum", "concat"):
+        model = open_gates(tiny_model(latent_fusion=fusion))
+        batch = sample_batch()
+        with torch.no_grad():
+            dropped = model(**batch, image_latents_mask=torch.zeros(2, 2, dtype=torch.bool))
+        mask = model.model.cross_attention_mask(dropped.chunk_ids, dropped.media_latents_mask)
+        memory = dropped.media_latents.flatten(1, 2)
+        for t in range(batch["input_ids"].shape[1]):
+            readable = memory[0][mask[0, t]]
+            assert torch.allclose(readable, memory[0][mask[0, 0]])  # every token reads the pages alone
+
+
+def test_contrastive_weight_zero_gives_lm_loss():
+    model = tiny_model(contrastive_loss_weight=0.0)
+    batch = sample_batch()
+    out = model(**batch, labels=batch["input_ids"], context_input_ids=torch.randint(0, VOCAB, (2, 9)))
+    assert out.contrastive_loss is not None
+    assert torch.equal(out.loss, out.lm_loss)
+    model = tiny_model(contrastive_loss_weight=0.5)
+    out = model(**batch, labels=batch["input_ids"], context_input_ids=torch.randint(0, VOCAB, (2, 9)))
+    assert torch.allclose(out.loss, out.lm_loss + 0.5 * out.contrastive_loss)
+
+
+def test_training_reduces_lm_and_contrastive_loss():
+    torch.manual_seed(0)
+    model = tiny_model(freeze_language_model=False).train()  # a random LM has nothing to keep frozen
+    g = torch.Generator().manual_seed(1)
+    n = 8
+    input_ids = torch.randint(0, 200, (n, 12), generator=g)
+    input_ids[:, 1] = IMAGE_ID
+    batch = dict(
+        input_ids=input_ids,
+        pixel_values=torch.randn(n, 1, 3, 32, 32, generator=g),
+        context_pixel_values=torch.randn(n, 2, 3, 32, 32, generator=g),
+        context_input_ids=torch.randint(0, 200, (n, 16), generator=g),
+        labels=input_ids.masked_fill(input_ids == IMAGE_ID, -100),
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    history = []
+    for _ in range(60):
+        out = model(**batch)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append((out.lm_loss.item(), out.contrastive_loss.item()))
+    (lm0, c0), (lm1, c1) = history[0], history[-1]
+    assert lm1 < lm0 / 2, history
+    assert c1 < c0 / 2, history
+
+
+def test_generate_cache_equals_no_cache_and_encodes_once():
+    model = open_gates(tiny_model())
+    batch = sample_batch()
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    cached = model.generate(**batch, use_cache=True, **kwargs)
+    assert len(calls) == 1
+    uncached = model.generate(**batch, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+    assert cached.shape[1] == batch["input_ids"].shape[1] + 6
+
+
+def test_generate_left_padded_row_matches_single_run():
+    model = open_gates(tiny_model())
+    batch = sample_batch()
+    single = {k: v[1:] for k, v in batch.items()}
+    single["pixel_values"], single["image_mask"] = single["pixel_values"][:, :1], single["image_mask"][:, :1]
+    single = {k: v for k, v in single.items() if not k.startswith("context")}
+    padded = dict(single)
+    padded["input_ids"] = torch.cat([torch.zeros(1, 3, dtype=torch.long), single["input_ids"]], 1)
+    padded["attention_mask"] = torch.cat([torch.zeros(1, 3, dtype=torch.long), single["attention_mask"]], 1)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    a = model.generate(**single, **kwargs)[:, -5:]
+    b = model.generate(**padded, **kwargs)[:, -5:]
+    assert torch.equal(a, b)
+
+
+def test_save_and_reload_identical_logits(tmp_path):
+    model = open_gates(tiny_model(), 0.5)
+    batch = sample_batch()
+    model.save_pretrained(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    assert {"configuration_visincontext.py", "modeling_visincontext.py"} <= set(files)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert set(auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, VisInContextForConditionalGeneration)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+    torch.save({k: v for k, v in batch.items()}, tmp_path / "batch.pt")
+    torch.save(model(**batch).logits.detach(), tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["visincontext"] = None  # make the package unimportable: only the remote code may be used
+        import torch
+        from transformers import AutoModel, AutoModelForImageTextToText
+        batch = torch.load({str(tmp_path / 'batch.pt')!r})
+        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        model = AutoModelForImageTextToText.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        with torch.no_grad():
+            diff = (model(**batch).logits - expected).abs().max().item()
+        base = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        print("DIFF", diff, type(base).__name__)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = [l for l in result.stdout.splitlines() if l.startswith("DIFF")][0]
+    assert float(line.split()[1]) == 0.0 and line.split()[2] == "VisInContextModel"
+
+
+def test_from_backbones_loads_pretrained_weights_and_freezes(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    vision = CLIPVisionModel(cfg.vision_config)
+    vision.save_pretrained(tmp_path / "vision")
+    lm = AutoModelForCausalLM.from_config(cfg.text_config)
+    lm.save_pretrained(tmp_path / "lm")
+    tiny_tokenizer().save_pretrained(tmp_path / "lm")
+    model = VisInContextForConditionalGeneration.from_backbones(
+        vision_model=str(tmp_path / "vision"), language_model=str(tmp_path / "lm"), num_latents=4, resampler_depth=1,
+        cross_attention_every=1, resampler_head_dim=8, cross_attention_head_dim=8, contrastive_dim=16,
+    )
+    assert model.config.image_token_id == IMAGE_ID and model.config.end_of_chunk_token_id == EOC_ID
+    for key, value in vision.state_dict().items():
+        assert torch.equal(model.model.vision_tower.state_dict()[key], value), key
+    body = model.model.language_model.state_dict()
+    for key, value in lm.model.state_dict().items():
+        wrapped = key.replace("layers.0.", "layers.0.decoder_layer.").replace("layers.1.", "layers.1.decoder_layer.")
+        assert torch.equal(body[wrapped], value), key
+    assert torch.equal(model.lm_head.weight, lm.lm_head.weight)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    prefixes = (
+        "model.image_resampler.", "model.context_resampler.", "contrastive_head.",
+        "model.language_model.layers.0.cross_attention.", "model.language_model.layers.1.cross_attention.",
+    )
+    extra = {n for n in trainable if not n.startswith(prefixes)}
+    assert extra == {"model.language_model.embed_tokens.media_weight", "lm_head.media_weight"}
+    assert any(n.startswith("model.image_resampler.") for n in trainable)
+    assert any(n.startswith("contrastive_head.") for n in trainable)
+    assert not any("vision_tower" in n for n in trainable)
+
+
+def test_gradient_checkpointing_matches():
+    batch = sample_batch()
+    results = []
+    for checkpointing in (False, True):
+        model = open_gates(tiny_model(freeze_language_model=False), 0.3).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        out = model(**batch, labels=batch["input_ids"], context_input_ids=batch["input_ids"])
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    assert any("cross_attention" in n for n in grads_a) and any("resampler" in n for n in grads_a)
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
+
+
+def test_eager_and_sdpa_agree_and_flash_needs_the_package():
+    batch = sample_batch()
+    logits = {}
+    for implementation in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        config = tiny_config()
+        config._attn_implementation = implementation
+        model = open_gates(VisInContextForConditionalGeneration(config).eval(), 0.5)
+        assert model.model.language_model.config._attn_implementation == implementation
+        with torch.no_grad():
+            logits[implementation] = model(**batch).logits
+    assert (logits["eager"] - logits["sdpa"]).abs().max() < 1e-5
+    model = tiny_model()
+    with pytest.raises(ImportError, match="(?i)flash"):
+        model.set_attn_implementation("flash_attention_2")
+
+
+@pytest.mark.parametrize(
+    "change,argument",
+    [
+        (dict(input_ids=torch.zeros(11, dtype=torch.long)), "input_ids"),
+        (dict(pixel_values=torch.zeros(2, 3, 32, 32)), "pixel_values"),
+        (dict(context_pixel_values=torch.zeros(2, 3, 32)), "context_pixel_values"),
+        (dict(pixel_values=torch.zeros(3, 2, 3, 32, 32), image_mask=None), "pixel_values"),
+        (dict(image_mask=torch.tensor([[True, False], [True, False]])), "input_ids"),  # 2 <image> tokens, 1 image
+        (dict(image_mask=torch.tensor([[True, True], [True, True]])), "pixel_values"),  # image without a token
+        (dict(context_mask=torch.ones(2, 2, dtype=torch.bool)), "context_mask"),
+    ],
+)
+def test_bad_input_names_the_argument(change, argument):
+    model = tiny_model()
+    batch = dict(sample_batch(), **change)
+    batch = {k: v for k, v in batch.items() if v is not None}
+    with pytest.raises(ValueError, match=argument):
+        model(**batch)
+
+
+def test_more_image_tokens_than_images_without_pixel_values():
+    model = tiny_model()
+    batch = sample_batch()
+    with pytest.raises(ValueError, match="input_ids: more <image> tokens"):
+        model(input_ids=batch["input_ids"])
