@@ -12,6 +12,8 @@ image or page, C = N + 1 chunks (chunk 0 holds the tokens before the first `<ima
 slots per chunk, D vision hidden size, H language-model hidden size.
 """
 
+import math
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +39,8 @@ class VisInContextModelOutputWithPast(BaseModelOutputWithPast):
     media_latents (`torch.FloatTensor` of shape `(B, C, K, D)`):
         Fused image and rendered-context latents per chunk: what the cross-attention reads. Reused by
         `generate` so images and pages are encoded once per call.
-    media_latents_mask (`torch.BoolTensor` of shape `(B, C, K)`):
-        Which memory slots hold a real image or page.
+    media_latents_mask (`torch.LongTensor` of shape `(B, C, K)`):
+        1 where a memory slot holds a real image or page, 0 for padding (like `attention_mask`).
     chunk_ids (`torch.LongTensor` of shape `(B, T)`):
         Chunk of each text token: the number of `<image>` tokens up to and including it.
     context_latents (`torch.FloatTensor` of shape `(B, P, L, D)`):
@@ -91,8 +93,7 @@ class MediaTokenEmbedding(nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, media_token_ids: tuple[int, ...], padding_idx=None):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
         self.media_token_ids = tuple(media_token_ids)
-        # initialised here: inside the LM, the LM's own `_init_weights` (which knows nothing of it) is applied
-        self.media_weight = nn.Parameter(torch.randn(len(self.media_token_ids), embedding_dim) * 0.02)
+        self.media_weight = nn.Parameter(torch.empty(len(self.media_token_ids), embedding_dim))
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """input_ids: (B, T) -> embeddings (B, T, H)."""
@@ -317,6 +318,29 @@ def _check_batch(name: str, tensor: torch.Tensor | None, batch_size: int) -> Non
         raise ValueError(f"{name}: expected batch size {batch_size} (as input_ids), got {tensor.shape[0]}")
 
 
+def _init_new_parts(module: nn.Module, std: float) -> None:
+    """Initialises the parameters VisInContext adds that generic `_init_weights` does not know."""
+    if isinstance(module, (MediaTokenEmbedding, MediaTokenLMHead)):
+        init.normal_(module.media_weight, mean=0.0, std=std)
+    elif isinstance(module, PerceiverResampler):
+        init.normal_(module.latents, mean=0.0, std=1.0)
+    elif isinstance(module, GatedCrossAttentionBlock):
+        init.zeros_(module.attn_gate)
+        init.zeros_(module.ff_gate)
+    elif isinstance(module, TextCentricContrastiveHead):
+        init.normal_(module.text_query, mean=0.0, std=std)
+        init.constant_(module.logit_scale, math.log(1.0 / module.temperature_init))
+
+
+def _init_language_model_weights(language_model: PreTrainedModel, module: nn.Module) -> None:
+    """The wrapped LM's `_init_weights`, extended to the parts VisInContext places inside it.
+
+    transformers initialises the modules of a sub-model with that sub-model's own `_init_weights`.
+    """
+    type(language_model)._init_weights(language_model, module)
+    _init_new_parts(module, std=getattr(language_model.config, "initializer_range", 0.02))
+
+
 class VisInContextPreTrainedModel(PreTrainedModel):
     config: VisInContextConfig
     config_class = VisInContextConfig
@@ -332,6 +356,14 @@ class VisInContextPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers treats out-of-library models as code whose `_init_weights` may bypass its init
+        # functions, and then skips modules without direct parameters (e.g. CLIP's attention) when filling
+        # in missing weights. This model initialises through `transformers.initialization`, so the
+        # library's regular path applies and `from_pretrained` initialises exactly like `__init__`.
+        return False
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers writes the `auto_map` entry of the saved class only; remote code needs all of them
         self.config.auto_map = {
@@ -343,17 +375,7 @@ class VisInContextPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        std = getattr(self.config.text_config, "initializer_range", 0.02)
-        if isinstance(module, (MediaTokenEmbedding, MediaTokenLMHead)):
-            init.normal_(module.media_weight, mean=0.0, std=std)
-        elif isinstance(module, PerceiverResampler):
-            init.normal_(module.latents, mean=0.0, std=1.0)
-        elif isinstance(module, GatedCrossAttentionBlock):
-            init.zeros_(module.attn_gate)
-            init.zeros_(module.ff_gate)
-        elif isinstance(module, TextCentricContrastiveHead):
-            init.normal_(module.text_query, mean=0.0, std=std)
-            init.constant_(module.logit_scale, float(torch.log(torch.tensor(1.0 / module.temperature_init))))
+        _init_new_parts(module, std=getattr(self.config.text_config, "initializer_range", 0.02))
 
     def _freeze_backbones(self) -> None:
         """Freeze the vision tower and LM body as configured; new parts stay trainable."""
@@ -400,6 +422,12 @@ class VisInContextModel(VisInContextPreTrainedModel):
         embedding = MediaTokenEmbedding(old.num_embeddings, old.embedding_dim, self.config.media_token_ids, old.padding_idx)
         embedding.weight = old.weight  # keep the LM's (already initialised) vocabulary
         self.language_model.set_input_embeddings(embedding)
+        self.language_model._init_weights = types.MethodType(_init_language_model_weights, self.language_model)
+        # tensor-parallel plans name the decoder layers' modules; they now sit one level deeper
+        if self.language_model._tp_plan:
+            self.language_model._tp_plan = {
+                key.replace("layers.*.", "layers.*.decoder_layer."): value for key, value in self.language_model._tp_plan.items()
+            }
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -509,7 +537,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
                 is_image_slot = torch.ones_like(is_image_slot)  # fused slots: each carries its own image
             earlier = (chunks[None, None, :] < chunk_ids[..., None]) & (chunks >= 1)
             readable = readable | (earlier[..., None] & is_image_slot)
-        return (readable & media_latents_mask[:, None]).flatten(2)
+        return (readable & media_latents_mask.bool()[:, None]).flatten(2)
 
     def _chunk_ids(self, input_ids, inputs_embeds, past_chunk_ids) -> torch.LongTensor:
         if input_ids is not None:
@@ -624,7 +652,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             media_latents=media_latents,
-            media_latents_mask=media_latents_mask,
+            media_latents_mask=None if media_latents_mask is None else media_latents_mask.long(),
             chunk_ids=chunk_ids,
             context_latents=context_latents,
         )
