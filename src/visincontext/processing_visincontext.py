@@ -1,0 +1,286 @@
+# Copyright 2026 The visincontext authors. Licensed under the Apache License, Version 2.0.
+"""VisInContextProcessor: images + prompt text + long context (rendered into pages) -> model inputs."""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
+from .rendering_visincontext import TextRenderer
+
+FONT_SETTINGS = ("font_path", "fallback_font_paths")
+
+
+def _output_size(image_processor) -> tuple[int, int] | None:
+    """(height, width) of the images an image processor returns, when it says so."""
+    for name in ("crop_size", "size"):
+        size = getattr(image_processor, name, None)
+        if isinstance(size, dict) and "height" in size and "width" in size:
+            return int(size["height"]), int(size["width"])
+        if hasattr(size, "height") and getattr(size, "height", None):
+            return int(size.height), int(size.width)
+    return None
+
+
+class VisInContextProcessor(ProcessorMixin):
+    r"""
+    One processor for VisInContext: an image processor for images, a tokenizer (with `<image>` and
+    `<|endofchunk|>` added) for the prompt, and a `TextRenderer` that draws the long `context` into pages.
+
+    Args:
+        image_processor: e.g. `CLIPImageProcessor`; its output size is the page size by default.
+        tokenizer: the language model's tokenizer.
+        chat_template: optional Jinja chat template.
+        image_token / end_of_chunk_token: the media tokens.
+        font_path, fallback_font_paths, font_size, page_height, page_width, line_height, cell_width, margin:
+            renderer settings (see `TextRenderer`); saved in `processor_config.json`, fonts copied beside it.
+        max_pages: most context pages per sample; `overflow` says what happens to longer context
+            (`"keep_end"` by default: the text nearest the prompt is kept).
+    """
+
+    model_input_names = [
+        "input_ids", "attention_mask", "pixel_values", "image_mask", "context_pixel_values", "context_mask",
+    ]
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        image_token: str = IMAGE_TOKEN,
+        end_of_chunk_token: str = END_OF_CHUNK_TOKEN,
+        font_path: str | None = None,
+        fallback_font_paths: list[str] | None = None,
+        font_size: int | None = None,
+        page_height: int | None = None,
+        page_width: int | None = None,
+        line_height: int = 16,
+        cell_width: int | None = None,
+        margin: int = 0,
+        max_pages: int = 8,
+        overflow: str = "keep_end",
+        **kwargs,
+    ):
+        if tokenizer is not None:
+            missing = [t for t in (image_token, end_of_chunk_token) if t not in tokenizer.get_vocab()]
+            if missing:
+                tokenizer.add_tokens(missing, special_tokens=True)
+            self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+            self.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids(end_of_chunk_token)
+        self.image_token, self.end_of_chunk_token = image_token, end_of_chunk_token
+        size = _output_size(image_processor) if image_processor is not None else None
+        page_height = page_height or (size[0] if size else 224)
+        page_width = page_width or (size[1] if size else 224)
+        self.renderer = TextRenderer(
+            font_path=font_path, fallback_font_paths=fallback_font_paths, font_size=font_size, page_height=page_height,
+            page_width=page_width, line_height=line_height, cell_width=cell_width, margin=margin, max_pages=max_pages,
+            overflow=overflow,
+        )
+        # the settings are saved by name in processor_config.json; the renderer object itself is not
+        for name, value in self.renderer.settings().items():
+            if name != "tab_size":
+                setattr(self, name, value)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    # ---- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_backbones(cls, vision_model: str, language_model: str, tokenizer_kwargs: dict | None = None, **kwargs):
+        """Image processor from the vision checkpoint, tokenizer from the LM's, pages shaped to the tower:
+        page = `image_size`, row height = `patch_size` (the same ids as `VisInContextForConditionalGeneration.from_backbones`)."""
+        from transformers import AutoConfig
+
+        image_processor = AutoImageProcessor.from_pretrained(vision_model)
+        tokenizer = AutoTokenizer.from_pretrained(language_model, **(tokenizer_kwargs or {}))
+        vision_config = AutoConfig.from_pretrained(vision_model)
+        vision_config = getattr(vision_config, "vision_config", vision_config)
+        settings = dict(page_height=vision_config.image_size, page_width=vision_config.image_size, line_height=vision_config.patch_size)
+        settings.update(kwargs)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, **settings)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves like any processor, and copies the font files next to `processor_config.json`, which then
+        names them relative to the folder, so the processor renders identically wherever it is loaded."""
+        os.makedirs(save_directory, exist_ok=True)
+        absolute = {name: getattr(self, name) for name in FONT_SETTINGS}
+        copied = []
+        for path in [absolute["font_path"], *absolute["fallback_font_paths"]]:
+            target = Path(save_directory) / Path(path).name
+            if Path(path).resolve() != target.resolve():
+                shutil.copyfile(path, target)
+            copied.append(target.name)
+        licence = Path(absolute["font_path"]).parent / "LICENSE-DejaVu.txt"
+        if licence.is_file() and Path(absolute["font_path"]).name.startswith("DejaVu"):
+            shutil.copyfile(licence, Path(save_directory) / licence.name)
+        self.font_path, self.fallback_font_paths = copied[0], copied[1:]
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.font_path, self.fallback_font_paths = absolute["font_path"], absolute["fallback_font_paths"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Loads like any processor; font files named in `processor_config.json` are fetched from the same
+        folder or Hub repository (the real `cached_file` path)."""
+        import json
+
+        from transformers.utils import cached_file
+
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder") if k in kwargs}
+        config_file = cached_file(pretrained_model_name_or_path, "processor_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if config_file is not None and not all(name in kwargs for name in FONT_SETTINGS):
+            saved = json.loads(Path(config_file).read_text())
+
+            def locate(name):
+                if name is None or os.path.isabs(name):
+                    return name
+                return cached_file(pretrained_model_name_or_path, name, **hub_kwargs)
+
+            kwargs.setdefault("font_path", locate(saved.get("font_path")))
+            kwargs.setdefault("fallback_font_paths", [locate(n) for n in saved.get("fallback_font_paths") or []])
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    # ---- inputs ------------------------------------------------------------------------------------
+
+    def _batch_inputs(self, images, text, context):
+        """Normalises to lists per sample and checks them. Returns (texts, images per sample, contexts, batched)."""
+        if text is None:
+            raise ValueError("text: expected a string or a list of strings (the prompt), got None")
+        batched = isinstance(text, (list, tuple))
+        texts = list(text) if batched else [text]
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"text: expected strings, got {type(t).__name__} at index {i}")
+        counts = [t.count(self.image_token) for t in texts]
+
+        if images is None:
+            per_sample = [[] for _ in texts]
+        elif not batched:
+            per_sample = [list(images) if isinstance(images, (list, tuple)) else [images]]
+        elif all(isinstance(x, (list, tuple)) for x in images):
+            per_sample = [list(x) for x in images]
+        else:  # a flat list for a batch: handed out in <image> order
+            flat = list(images) if isinstance(images, (list, tuple)) else [images]
+            if len(flat) != sum(counts):
+                raise ValueError(f"images: {len(flat)} images for {sum(counts)} {self.image_token} tokens in text")
+            per_sample, start = [], 0
+            for count in counts:
+                per_sample.append(flat[start : start + count])
+                start += count
+        if len(per_sample) != len(texts):
+            raise ValueError(f"images: expected one list of images per text ({len(texts)}), got {len(per_sample)}")
+        for i, (count, sample_images) in enumerate(zip(counts, per_sample)):
+            if count != len(sample_images):
+                raise ValueError(
+                    f"text: sample {i} has {count} {self.image_token} tokens but {len(sample_images)} images were given"
+                )
+
+        if context is None:
+            contexts = [None] * len(texts)
+        elif batched:
+            if not isinstance(context, (list, tuple)) or len(context) != len(texts):
+                raise ValueError(f"context: expected a list of {len(texts)} strings or None (one per text)")
+            contexts = list(context)
+        else:
+            contexts = [context]
+        for i, c in enumerate(contexts):
+            if c is not None and not isinstance(c, str):
+                raise TypeError(f"context: expected a string or None, got {type(c).__name__} at index {i}")
+        return texts, per_sample, contexts, batched
+
+    def render_context(self, contexts: list[str | None], max_pages: int | None = None, overflow: str | None = None):
+        """Renders each context. Returns `(pages (B, P, 3, H, W) float, mask (B, P) bool, kept texts)`, with
+        pages normalised like the image processor's images."""
+        rendered = [None if c is None else self.renderer.render(c, max_pages=max_pages, overflow=overflow) for c in contexts]
+        num_pages = max([len(r) for r in rendered if r is not None] + [0])
+        pages = np.full((len(contexts), num_pages, self.renderer.page_height, self.renderer.page_width), 255, np.uint8)
+        mask = np.zeros((len(contexts), num_pages), dtype=bool)
+        kept = []
+        for i, result in enumerate(rendered):
+            if result is None or len(result) == 0:
+                kept.append("")
+                continue
+            pages[i, : len(result)] = result.pages
+            mask[i, : len(result)] = True
+            kept.append(result.text[result.spans[0][0] : result.spans[-1][1]])
+        return self._normalize_pages(pages), torch.from_numpy(mask), kept
+
+    def _normalize_pages(self, pages: np.ndarray) -> torch.Tensor:
+        """uint8 (B, P, H, W) -> float (B, P, 3, H, W), rescaled and normalised as the image processor does."""
+        processor = self.image_processor
+        scale = float(getattr(processor, "rescale_factor", 1 / 255)) if getattr(processor, "do_rescale", True) else 1.0
+        values = torch.from_numpy(pages).float().mul_(scale)
+        values = values.unsqueeze(2).expand(-1, -1, 3, -1, -1)
+        if getattr(processor, "do_normalize", False):
+            mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 1, 3, 1, 1)
+            std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 1, 3, 1, 1)
+            values = (values - mean) / std
+        return values.contiguous()
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token  # one token per image: the cross-attention, not the sequence, carries it
+
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        context=None,
+        max_pages: int | None = None,
+        overflow: str | None = None,
+        return_context_ids: bool = False,
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        images: for one sample a list of images (PIL or arrays) in `<image>` order; for a batch a list of such
+            lists (or one flat list, handed out in `<image>` order).
+        text: the prompt (str) or a batch of prompts (list of str).
+        context: long in-context text to render (str or None per sample).
+        max_pages / overflow: override the renderer's settings for this call.
+        return_context_ids: also return the kept context as tokens (`context_input_ids`,
+            `context_attention_mask`), for the text-centric contrastive loss.
+
+        Returns `input_ids`, `attention_mask` (left-padded), `pixel_values` (B, N, 3, H, W) + `image_mask`
+        (B, N) when any image is given, `context_pixel_values` (B, P, 3, H, W) + `context_mask` (B, P) when
+        any context is given.
+        """
+        texts, per_sample, contexts, _ = self._batch_inputs(images, text, context)
+        return_tensors = kwargs.pop("return_tensors", "pt")
+        kwargs.setdefault("padding", len(texts) > 1)
+        kwargs.setdefault("padding_side", "left")
+        flat_images = [image for sample in per_sample for image in sample]
+        output = super().__call__(images=flat_images or None, text=texts, return_tensors="pt", **kwargs)
+        data = dict(output)
+        if flat_images:
+            flat_pixels = data.pop("pixel_values")
+            most = max(len(sample) for sample in per_sample)
+            pixel_values = flat_pixels.new_zeros(len(texts), most, *flat_pixels.shape[1:])
+            image_mask = torch.zeros(len(texts), most, dtype=torch.bool)
+            start = 0
+            for i, sample in enumerate(per_sample):
+                pixel_values[i, : len(sample)] = flat_pixels[start : start + len(sample)]
+                image_mask[i, : len(sample)] = True
+                start += len(sample)
+            data.update(pixel_values=pixel_values, image_mask=image_mask)
+        if any(c is not None for c in contexts):
+            pages, context_mask, kept = self.render_context(contexts, max_pages=max_pages, overflow=overflow)
+            data.update(context_pixel_values=pages, context_mask=context_mask)
+            if return_context_ids:
+                tokens = self.tokenizer(kept, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
+                data.update(context_input_ids=tokens["input_ids"], context_attention_mask=tokens["attention_mask"])
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+__all__ = ["VisInContextProcessor"]

@@ -1,0 +1,101 @@
+"""Tiny random backbones, a byte-level tokenizer and processors: for tests, examples and benchmarks that
+must run offline on a CPU in seconds (no weights or vocabularies are downloaded)."""
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from .configuration_visincontext import VisInContextConfig
+from .modeling_visincontext import VisInContextForConditionalGeneration
+
+VOCAB = 259  # 256 byte tokens + <s>, </s>, <pad> (see tiny_tokenizer)
+IMAGE_ID, EOC_ID = VOCAB, VOCAB + 1
+IMAGE_SIZE = 32
+
+
+def tiny_tokenizer():
+    """A lossless byte-level tokenizer (every string round-trips) with 259 ids, no downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    assert len(tokenizer) == VOCAB, len(tokenizer)
+    return tokenizer
+
+
+def vision_config(kind: str = "clip"):
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=8)
+    return CLIPVisionConfig(**common) if kind == "clip" else SiglipVisionConfig(**common)
+
+
+def text_config(kind: str = "llama"):
+    common = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB
+    )
+    return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind](**common)
+
+
+def tiny_config(vision: str = "clip", text: str = "llama", **overrides) -> VisInContextConfig:
+    settings = dict(
+        num_latents=4,
+        resampler_depth=1,
+        resampler_num_heads=2,
+        resampler_head_dim=8,
+        cross_attention_every=1,
+        cross_attention_num_heads=2,
+        cross_attention_head_dim=8,
+        contrastive_dim=16,
+        image_token_id=IMAGE_ID,
+        end_of_chunk_token_id=EOC_ID,
+    )
+    settings.update(overrides)
+    return VisInContextConfig(vision_config=vision_config(vision), text_config=text_config(text), **settings)
+
+
+def tiny_model(seed: int = 0, **kwargs) -> VisInContextForConditionalGeneration:
+    torch.manual_seed(seed)
+    return VisInContextForConditionalGeneration(tiny_config(**kwargs)).eval()
+
+
+def open_gates(model, value: float = 1.0):
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("attn_gate", "ff_gate")):
+                param.fill_(value)
+    return model
+
+
+def tiny_processor(image_size: int = IMAGE_SIZE, line_height: int = 8, **kwargs):
+    """A processor with a CLIP image processor at `image_size` and the byte-level tokenizer."""
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor  # the PIL backend: no torchvision needed
+
+    from .processing_visincontext import VisInContextProcessor
+
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return VisInContextProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(), line_height=line_height, **kwargs)
+
+
+def sample_batch(seed: int = 0, num_images: int = 2, num_pages: int = 3):
+    """Two samples: the first has 2 images and 2 pages, the second 1 image and no pages (padded)."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.tensor(
+        [[5, 6, IMAGE_ID, 7, 8, 9, EOC_ID, IMAGE_ID, 10, 11, 12], [5, 6, 7, IMAGE_ID, 13, 14, 15, 16, 17, 18, 19]]
+    )
+    return dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=torch.randn(2, num_images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),
+        image_mask=torch.tensor([[True, True], [True, False]]),
+        context_pixel_values=torch.randn(2, num_pages, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),
+        context_mask=torch.tensor([[True, True, False], [False, False, False]]),
+    )

@@ -1,0 +1,140 @@
+"""VisInContextProcessor: batching, padding, saving and remote code (issue: renderer + processor)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from tiny import IMAGE_ID, open_gates, tiny_model, tiny_processor
+
+CONTEXT = " ".join(f"Fact {i}: the value of key{i} is {i * 7 % 100}." for i in range(60))
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (40 + 3 * i, 50, 3), dtype=np.uint8)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor(max_pages=5)
+
+
+def test_batch_padding_and_masks(processor):
+    batch = processor(
+        images=[images(1), images(3, seed=1)],
+        text=["<image>What?", "<image>one<image>two<image>three"],
+        context=[None, CONTEXT],
+        return_tensors="pt",
+    )
+    assert batch["pixel_values"].shape == (2, 3, 3, 32, 32)
+    assert batch["image_mask"].tolist() == [[True, False, False], [True, True, True]]
+    assert batch["pixel_values"][0, 1:].abs().sum() == 0  # padding slots are zeros
+    assert batch["context_pixel_values"].shape == (2, 5, 3, 32, 32)
+    assert batch["context_mask"].tolist() == [[False] * 5, [True] * 5]
+    # left padding: the short prompt's pads come first and are masked
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1].all()
+    assert ids[0, 0] == processor.tokenizer.pad_token_id
+    assert (ids == IMAGE_ID).sum(1).tolist() == [1, 3]
+    assert processor.decode(ids[1]) == "<image>one<image>two<image>three"
+    # each real image equals the image processor's own output for it
+    reference = processor.image_processor(images(3, seed=1), return_tensors="pt")["pixel_values"]
+    assert torch.equal(batch["pixel_values"][1], reference)
+    # each page equals the renderer's pixels, normalised like an image
+    rendered = processor.renderer.render(CONTEXT, max_pages=5)
+    page = torch.from_numpy(rendered.pages[-1]).float() / 255
+    mean, std = processor.image_processor.image_mean[0], processor.image_processor.image_std[0]
+    assert torch.allclose(batch["context_pixel_values"][1, -1, 0], (page - mean) / std, atol=1e-6)
+
+
+def test_model_runs_forward_and_generate_on_processor_output(processor):
+    model = open_gates(tiny_model(), 0.5)
+    batch = processor(
+        images=[images(1), images(3, seed=1)],
+        text=["<image>What?", "<image>one<image>two<image>three"],
+        context=[None, CONTEXT],
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
+    generated = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (2, batch["input_ids"].shape[1] + 4)
+    # the padded sample generates the same tokens as it does alone
+    alone = processor(images=images(1), text="<image>What?", return_tensors="pt")
+    single = model.generate(**alone, max_new_tokens=4, do_sample=False)
+    assert torch.equal(single[0, -4:], generated[0, -4:])
+
+
+def test_context_ids_follow_the_kept_text(processor):
+    batch = processor(text=["x", "y"], context=["short context", CONTEXT], return_tensors="pt", return_context_ids=True)
+    kept = processor.renderer.render(CONTEXT, max_pages=5)
+    kept_text = kept.text[kept.spans[0][0] : kept.spans[-1][1]]
+    ids = batch["context_input_ids"][1][batch["context_attention_mask"][1].bool()]
+    assert processor.decode(ids) == kept_text and kept.truncated
+
+
+def test_save_and_reload_in_fresh_process_renders_identically(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"DejaVuSansMono.ttf", "DejaVuSans.ttf", "processing_visincontext.py", "rendering_visincontext.py"} <= files
+    assert not any(f.endswith((".bin", ".pkl", ".pt")) for f in files)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(reloaded).__name__ == "VisInContextProcessor" and reloaded.max_pages == 5
+    expected = processor(images=images(1), text="<image>caption:", context=CONTEXT, return_tensors="pt")
+    torch.save(dict(expected), tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["visincontext"] = None  # only the remote code in the folder may be used
+        import numpy as np, torch
+        from PIL import Image
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
+        rng = np.random.default_rng(0)
+        image = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+        out = processor(images=[image], text="<image>caption:", context={CONTEXT!r}, return_tensors="pt")
+        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        assert out.keys() == expected.keys(), (out.keys(), expected.keys())
+        for key in out:
+            assert torch.equal(out[key], expected[key]), key
+        print("IDENTICAL", processor.renderer.font_path)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                            cwd=tmp_path.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    font_used = result.stdout.split("IDENTICAL")[1].strip()
+    assert font_used == str(tmp_path / "DejaVuSansMono.ttf")  # the font saved with the processor
+
+
+@pytest.mark.parametrize(
+    "call,error,argument",
+    [
+        (dict(images=[], text="<image><image>two"), ValueError, "text"),
+        (dict(images=images(2), text="<image>one"), ValueError, "text"),
+        (dict(text="hi", context=123), TypeError, "context"),
+        (dict(text=["a", "b"], context=["only one"]), ValueError, "context"),
+        (dict(text=None), ValueError, "text"),
+        (dict(text=["a", 5]), TypeError, "text"),
+        (dict(images=images(3), text=["<image>", "<image>"]), ValueError, "images"),
+    ],
+)
+def test_bad_input_names_the_argument(processor, call, error, argument):
+    with pytest.raises(error, match=argument):
+        processor(**call, return_tensors="pt")
+
+
+def test_bad_settings_name_the_argument():
+    with pytest.raises(ValueError, match="font_path"):
+        tiny_processor(font_path="/no/such/font.ttf")
+    with pytest.raises(ValueError, match="page_height"):
+        tiny_processor(page_height=-1)
