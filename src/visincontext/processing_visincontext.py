@@ -1,6 +1,7 @@
 # Copyright 2026 The visincontext authors. Licensed under the Apache License, Version 2.0.
 """VisInContextProcessor: images + prompt text + long context (rendered into pages) -> model inputs."""
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -10,12 +11,13 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
 from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
 from .rendering_visincontext import TextRenderer
 
 FONT_SETTINGS = ("font_path", "fallback_font_paths")
+FONT_LICENCE = "LICENSE-DejaVu.txt"
 
 
 def _output_size(image_processor) -> tuple[int, int] | None:
@@ -27,6 +29,12 @@ def _output_size(image_processor) -> tuple[int, int] | None:
         if hasattr(size, "height") and getattr(size, "height", None):
             return int(size.height), int(size.width)
     return None
+
+
+class VisInContextProcessorKwargs(ProcessingKwargs, total=False):
+    """Per-call options besides the tokenizer's and image processor's own."""
+
+    return_context_ids: bool
 
 
 class VisInContextProcessor(ProcessorMixin):
@@ -48,6 +56,8 @@ class VisInContextProcessor(ProcessorMixin):
     model_input_names = [
         "input_ids", "attention_mask", "pixel_values", "image_mask", "context_pixel_values", "context_mask",
     ]
+    valid_processor_kwargs = VisInContextProcessorKwargs
+    text_kwargs = {"padding": True, "padding_side": "left"}  # left padding: batches go straight to `generate`
 
     def __init__(
         self,
@@ -105,32 +115,37 @@ class VisInContextProcessor(ProcessorMixin):
         settings.update(kwargs)
         return cls(image_processor=image_processor, tokenizer=tokenizer, **settings)
 
+    def to_dict(self) -> dict:
+        # fonts are saved next to processor_config.json (see save_pretrained): refer to them by file name
+        output = super().to_dict()
+        output["font_path"] = Path(self.font_path).name
+        output["fallback_font_paths"] = [Path(path).name for path in self.fallback_font_paths]
+        output.pop("auto_map", None)  # written by save_pretrained
+        return output
+
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Saves like any processor, and copies the font files next to `processor_config.json`, which then
-        names them relative to the folder, so the processor renders identically wherever it is loaded."""
+        """Saves like any processor, and copies the font files (and the shipped fonts' licence) next to
+        `processor_config.json`, so the processor renders identically wherever it is loaded."""
         os.makedirs(save_directory, exist_ok=True)
-        absolute = {name: getattr(self, name) for name in FONT_SETTINGS}
-        copied = []
-        for path in [absolute["font_path"], *absolute["fallback_font_paths"]]:
+        for path in [self.font_path, *self.fallback_font_paths]:
             target = Path(save_directory) / Path(path).name
             if Path(path).resolve() != target.resolve():
                 shutil.copyfile(path, target)
-            copied.append(target.name)
-        licence = Path(absolute["font_path"]).parent / "LICENSE-DejaVu.txt"
-        if licence.is_file() and Path(absolute["font_path"]).name.startswith("DejaVu"):
-            shutil.copyfile(licence, Path(save_directory) / licence.name)
-        self.font_path, self.fallback_font_paths = copied[0], copied[1:]
-        try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            self.font_path, self.fallback_font_paths = absolute["font_path"], absolute["fallback_font_paths"]
+            licence = Path(path).parent / FONT_LICENCE
+            if licence.is_file():
+                shutil.copyfile(licence, Path(save_directory) / FONT_LICENCE)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        # remote code needs the auto_map in processor_config.json; keep it out of the in-memory settings
+        config_file = Path(save_directory) / "processor_config.json"
+        config = json.loads(config_file.read_text())
+        config["auto_map"] = {"AutoProcessor": "processing_visincontext.VisInContextProcessor"}
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return result
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Loads like any processor; font files named in `processor_config.json` are fetched from the same
         folder or Hub repository (the real `cached_file` path)."""
-        import json
-
         from transformers.utils import cached_file
 
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder") if k in kwargs}
@@ -160,11 +175,13 @@ class VisInContextProcessor(ProcessorMixin):
                 raise TypeError(f"text: expected strings, got {type(t).__name__} at index {i}")
         counts = [t.count(self.image_token) for t in texts]
 
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
         if images is None:
             per_sample = [[] for _ in texts]
         elif not batched:
             per_sample = [list(images) if isinstance(images, (list, tuple)) else [images]]
-        elif all(isinstance(x, (list, tuple)) for x in images):
+        elif images and all(isinstance(x, (list, tuple)) for x in images):
             per_sample = [list(x) for x in images]
         else:  # a flat list for a batch: handed out in <image> order
             flat = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -195,10 +212,12 @@ class VisInContextProcessor(ProcessorMixin):
                 raise TypeError(f"context: expected a string or None, got {type(c).__name__} at index {i}")
         return texts, per_sample, contexts, batched
 
-    def render_context(self, contexts: list[str | None], max_pages: int | None = None, overflow: str | None = None):
-        """Renders each context. Returns `(pages (B, P, 3, H, W) float, mask (B, P) bool, kept texts)`, with
-        pages normalised like the image processor's images."""
-        rendered = [None if c is None else self.renderer.render(c, max_pages=max_pages, overflow=overflow) for c in contexts]
+    def render_context(self, contexts: list[str | None]):
+        """Renders each context (at most `self.max_pages` pages, `self.overflow` beyond). Returns `(pages
+        (B, P, 3, H, W) float, mask (B, P) bool, kept texts)`, pages normalised like the image processor's images."""
+        rendered = [
+            None if c is None else self.renderer.render(c, max_pages=self.max_pages, overflow=self.overflow) for c in contexts
+        ]
         num_pages = max([len(r) for r in rendered if r is not None] + [0])
         pages = np.full((len(contexts), num_pages, self.renderer.page_height, self.renderer.page_width), 255, np.uint8)
         mask = np.zeros((len(contexts), num_pages), dtype=bool)
@@ -227,53 +246,42 @@ class VisInContextProcessor(ProcessorMixin):
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token  # one token per image: the cross-attention, not the sequence, carries it
 
-    def __call__(
-        self,
-        images=None,
-        text=None,
-        context=None,
-        max_pages: int | None = None,
-        overflow: str | None = None,
-        return_context_ids: bool = False,
-        **kwargs,
-    ) -> BatchFeature:
+    def __call__(self, images=None, text=None, context=None, **kwargs) -> BatchFeature:
         """
         images: for one sample a list of images (PIL or arrays) in `<image>` order; for a batch a list of such
             lists (or one flat list, handed out in `<image>` order).
         text: the prompt (str) or a batch of prompts (list of str).
         context: long in-context text to render (str or None per sample).
-        max_pages / overflow: override the renderer's settings for this call.
         return_context_ids: also return the kept context as tokens (`context_input_ids`,
             `context_attention_mask`), for the text-centric contrastive loss.
+        Tokenizer and image-processor options pass through (`text_kwargs=...`, `images_kwargs=...` or flat).
 
-        Returns `input_ids`, `attention_mask` (left-padded), `pixel_values` (B, N, 3, H, W) + `image_mask`
-        (B, N) when any image is given, `context_pixel_values` (B, P, 3, H, W) + `context_mask` (B, P) when
-        any context is given.
+        Returns `input_ids`, `attention_mask` (left-padded), `pixel_values` (B, N, 3, H, W) with `image_mask`
+        (B, N), and `context_pixel_values` (B, P, 3, H, W) with `context_mask` (B, P); N or P is 0 when no
+        sample has images or context.
         """
         texts, per_sample, contexts, _ = self._batch_inputs(images, text, context)
-        return_tensors = kwargs.pop("return_tensors", "pt")
-        kwargs.setdefault("padding", len(texts) > 1)
-        kwargs.setdefault("padding_side", "left")
+        options = self._merge_kwargs(VisInContextProcessorKwargs, **kwargs)
+        return_tensors = kwargs.pop("return_tensors", None) or options["text_kwargs"].get("return_tensors") or "pt"
+        kwargs.pop("return_context_ids", None)
         flat_images = [image for sample in per_sample for image in sample]
-        output = super().__call__(images=flat_images or None, text=texts, return_tensors="pt", **kwargs)
-        data = dict(output)
-        if flat_images:
-            flat_pixels = data.pop("pixel_values")
-            most = max(len(sample) for sample in per_sample)
-            pixel_values = flat_pixels.new_zeros(len(texts), most, *flat_pixels.shape[1:])
-            image_mask = torch.zeros(len(texts), most, dtype=torch.bool)
-            start = 0
-            for i, sample in enumerate(per_sample):
-                pixel_values[i, : len(sample)] = flat_pixels[start : start + len(sample)]
-                image_mask[i, : len(sample)] = True
-                start += len(sample)
-            data.update(pixel_values=pixel_values, image_mask=image_mask)
-        if any(c is not None for c in contexts):
-            pages, context_mask, kept = self.render_context(contexts, max_pages=max_pages, overflow=overflow)
-            data.update(context_pixel_values=pages, context_mask=context_mask)
-            if return_context_ids:
-                tokens = self.tokenizer(kept, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
-                data.update(context_input_ids=tokens["input_ids"], context_attention_mask=tokens["attention_mask"])
+        data = dict(super().__call__(images=flat_images or None, text=texts, return_tensors="pt", **kwargs))
+
+        height, width = self.renderer.page_height, self.renderer.page_width
+        flat_pixels = data.pop("pixel_values", torch.zeros(0, 3, height, width))
+        most = max(len(sample) for sample in per_sample)
+        pixel_values = flat_pixels.new_zeros(len(texts), most, *flat_pixels.shape[1:])
+        image_mask = torch.zeros(len(texts), most, dtype=torch.bool)
+        start = 0
+        for i, sample in enumerate(per_sample):
+            pixel_values[i, : len(sample)] = flat_pixels[start : start + len(sample)]
+            image_mask[i, : len(sample)] = True
+            start += len(sample)
+        pages, context_mask, kept = self.render_context(contexts)
+        data.update(pixel_values=pixel_values, image_mask=image_mask, context_pixel_values=pages, context_mask=context_mask)
+        if options.get("return_context_ids"):
+            tokens = self.tokenizer(kept, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
+            data.update(context_input_ids=tokens["input_ids"], context_attention_mask=tokens["attention_mask"])
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def batch_decode(self, *args, **kwargs):

@@ -32,6 +32,14 @@ def default_font_path(name: str = DEFAULT_FONT) -> str:
     return str(FONTS_DIR / name)
 
 
+def _resolve_font(path) -> str:
+    """A path as given, or the shipped font of that file name when only a name is given."""
+    path = str(path)
+    if not Path(path).exists() and Path(path).name == path and (FONTS_DIR / path).is_file():
+        return str(FONTS_DIR / path)
+    return path
+
+
 def _font_codepoints(path: str) -> frozenset[int]:
     """Codepoints covered by a TrueType/OpenType font's `cmap` (formats 4 and 12; read with `struct`, so the
     module needs nothing beyond PIL and numpy and works as Hub remote code)."""
@@ -169,10 +177,10 @@ class TextRenderer:
         if font_size is not None and (not isinstance(font_size, int) or font_size <= 0):
             raise ValueError(f"font_size: expected a positive integer or None, got {font_size!r}")
 
-        self.font_path = str(font_path) if font_path is not None else default_font_path()
+        self.font_path = _resolve_font(font_path if font_path is not None else DEFAULT_FONT)
         if fallback_font_paths is None:
-            fallback_font_paths = [default_font_path(name) for name in DEFAULT_FALLBACK_FONTS]
-        self.fallback_font_paths = [str(path) for path in fallback_font_paths]
+            fallback_font_paths = DEFAULT_FALLBACK_FONTS
+        self.fallback_font_paths = [_resolve_font(path) for path in fallback_font_paths]
         self.page_height, self.page_width = page_height, page_width
         self.line_height, self.cell_width, self.margin = line_height, cell_width, margin
         self.max_pages, self.overflow, self.tab_size = max_pages, overflow, tab_size
