@@ -52,13 +52,14 @@ def renderer_speed(renderer: TextRenderer, text: str, repeats: int = 3) -> tuple
 
 
 def processor_speed(batch_size: int = 8, repeats: int = 5) -> dict:
-    from visincontext.processing_visincontext import VisInContextProcessor
+    from visincontext.testing import tiny_processor
 
-    processor = VisInContextProcessor.default()
+    processor = tiny_processor(image_size=224, line_height=16)  # CLIP image processor at 224 px, byte tokenizer
     rng = np.random.default_rng(0)
     images = [[Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(2)] for _ in range(batch_size)]
-    per_page = len(processor.renderer.render(SAMPLE * 40).spans[0:1]) and None
-    text = SAMPLE * 12  # about 4 pages
+    text = SAMPLE
+    while len(processor.renderer.render(text + SAMPLE)) <= 4:  # as much text as fills 4 pages
+        text += SAMPLE
     contexts = [text] * batch_size
     prompts = ["<image>What is shown?<image>Answer:"] * batch_size
     processor(images=images, text=prompts, context=contexts, return_tensors="pt")
@@ -73,6 +74,24 @@ def processor_speed(batch_size: int = 8, repeats: int = 5) -> dict:
         "context_pages_per_sample": int(out["context_mask"].sum(1).max()),
         "samples_per_s": batch_size / best,
     }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    names = ["PIL ImageDraw.text", "TextRenderer"]
+    values = [result["pil_pages_per_s"], result["renderer_pages_per_s"]]
+    ax.bar(names, values, color=["#999999", "#1f77b4"])
+    ax.set_ylabel("pages / s (one process)")
+    ax.set_title(f"Rendering {result['geometry']['page_width']}x{result['geometry']['page_height']} pages: {result['speedup']:.1f}x")
+    for x, v in enumerate(values):
+        ax.text(x, v, f"{v:,.0f}", ha="center", va="bottom")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -98,14 +117,13 @@ def main() -> None:
         "renderer_pages_per_s": ours_pages / ours_seconds,
         "speedup": (ours_pages / ours_seconds) / (pil_pages / pil_seconds),
     }
-    try:
-        result["processor"] = processor_speed()
-    except ImportError as error:  # the processor module is optional for this measurement
-        result["processor"] = f"unavailable: {error}"
+    result["processor"] = processor_speed()
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("pages", "pil_pages_per_s", "renderer_pages_per_s", "speedup")}, indent=2))
+    plot(result, output.with_suffix(".png"))
+    renderer.render(SAMPLE * 3).to_images()[0].save(output.with_name("rendered_page.png"))
+    print(json.dumps({k: result[k] for k in ("pages", "pil_pages_per_s", "renderer_pages_per_s", "speedup", "processor")}, indent=2))
 
 
 if __name__ == "__main__":

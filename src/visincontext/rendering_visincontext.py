@@ -91,12 +91,15 @@ def _font_codepoints(path: str) -> frozenset[int]:
     return frozenset(codepoints)
 
 
+_LINE_BREAKS = {ord("\r"): "\n", 0x2028: "\n", 0x2029: "\n"}  # carriage return, line and paragraph separators
 _CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # Unicode category Cc, less the newline
 
 
 def normalize_text(text: str, tab_size: int = 4) -> str:
-    """NFC; `\\r\\n` and `\\r` become `\\n`; tabs become spaces; other control characters are dropped."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n").replace("\t", " " * tab_size)
+    """NFC; `\\r\\n`, `\\r` and the Unicode line/paragraph separators become `\\n`; tabs become spaces;
+    other control characters are dropped."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\t", " " * tab_size)
+    text = text.translate(_LINE_BREAKS)
     return _CONTROL.sub("", text)
 
 
@@ -198,7 +201,12 @@ class TextRenderer:
             except (OSError, struct.error) as error:
                 raise ValueError(f"{name}: cannot read a font from {path!r} ({error})") from None
         self.font_size = font_size if font_size is not None else self._fitting_font_size(self.font_path)
-        self._fonts = [(ImageFont.truetype(path, self.font_size), codepoints) for (_, path), codepoints in zip(paths, coverage)]
+        # BASIC layout (no raqm shaping): glyphs are drawn one cell at a time, and the output does not depend
+        # on whether a machine's Pillow was built with raqm
+        self._fonts = [
+            (ImageFont.truetype(path, self.font_size, layout_engine=ImageFont.Layout.BASIC), codepoints)
+            for (_, path), codepoints in zip(paths, coverage)
+        ]
 
         # Glyph atlas: id 0 is the blank cell, id 1 the replacement box. `_codepoint_glyph` maps a codepoint
         # to its id (-1: not drawn yet) so that whole lines map to ids with one numpy lookup.
@@ -252,7 +260,10 @@ class TextRenderer:
                 ascent, descent = font.getmetrics()
                 x = (self.cell_width - font.getlength(cluster)) / 2
                 y = (self.line_height - ascent - descent) // 2
-                ImageDraw.Draw(image).text((round(x), y), cluster, font=font, fill=0)
+                try:
+                    ImageDraw.Draw(image).text((round(x), y), cluster, font=font, fill=0)
+                except (OSError, RuntimeError, ValueError):  # a glyph FreeType cannot draw
+                    return self._atlas[REPLACEMENT_GLYPH], True
                 return np.asarray(image), False
         return self._atlas[REPLACEMENT_GLYPH], True
 
