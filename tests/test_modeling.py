@@ -24,14 +24,14 @@ def bare_lm(model):
     body = model.model.language_model
     state = {}
     for key, value in body.state_dict().items():
-        if ".cross_attention." in key or key.endswith("media_weight"):
+        if ".gated_cross_attention." in key or ".media_embedding." in key:
             continue
         state[key.replace(".decoder_layer.", ".")] = value
-    embed = torch.cat([body.embed_tokens.weight, body.embed_tokens.media_weight])
+    embed = torch.cat([body.embed_tokens.weight, body.embed_tokens.media_embedding.weight])
     state["embed_tokens.weight"] = embed
     lm.model.load_state_dict(state)
     with torch.no_grad():
-        lm.lm_head.weight.copy_(torch.cat([model.lm_head.weight, model.lm_head.media_weight]))
+        lm.lm_head.weight.copy_(torch.cat([model.lm_head.weight, model.lm_head.media_head.weight]))
     return lm
 
 
@@ -275,10 +275,10 @@ def test_from_backbones_loads_pretrained_weights_and_freezes(tmp_path):
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     prefixes = (
         "model.image_resampler.", "model.context_resampler.", "contrastive_head.",
-        "model.language_model.layers.0.cross_attention.", "model.language_model.layers.1.cross_attention.",
+        "model.language_model.layers.0.gated_cross_attention.", "model.language_model.layers.1.gated_cross_attention.",
     )
     extra = {n for n in trainable if not n.startswith(prefixes)}
-    assert extra == {"model.language_model.embed_tokens.media_weight", "lm_head.media_weight"}
+    assert extra == {"model.language_model.embed_tokens.media_embedding.weight", "lm_head.media_head.weight"}
     assert any(n.startswith("model.image_resampler.") for n in trainable)
     assert any(n.startswith("contrastive_head.") for n in trainable)
     assert not any("vision_tower" in n for n in trainable)

@@ -86,21 +86,23 @@ class VisInContextCausalLMOutputWithPast(ModelOutput):
 class MediaTokenEmbedding(nn.Embedding):
     """The language model's token embedding plus separate, trainable rows for the media tokens.
 
-    `weight` keeps the language model's name and values (so it can stay frozen); `media_weight`
-    holds one row per media token id, which may lie inside or past the original vocabulary.
+    `weight` keeps the language model's name and values (so it can stay frozen); `media_embedding`
+    holds one row per media token id, which may lie inside or past the original vocabulary. (A module of
+    its own, so PEFT can train and save it through `modules_to_save`.)
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, media_token_ids: tuple[int, ...], padding_idx=None):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
         self.media_token_ids = tuple(media_token_ids)
-        self.media_weight = nn.Parameter(torch.empty(len(self.media_token_ids), embedding_dim))
+        self.media_embedding = nn.Embedding(len(self.media_token_ids), embedding_dim)
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """input_ids: (B, T) -> embeddings (B, T, H)."""
         embeds = F.embedding(input_ids.clamp(max=self.num_embeddings - 1), self.weight, self.padding_idx)
+        rows = torch.arange(len(self.media_token_ids), device=input_ids.device)
+        media = self.media_embedding(rows).to(embeds.dtype)  # (num_media_tokens, H)
         for row, token_id in enumerate(self.media_token_ids):
-            is_media = (input_ids == token_id).unsqueeze(-1)
-            embeds = torch.where(is_media, self.media_weight[row].to(embeds.dtype), embeds)
+            embeds = torch.where((input_ids == token_id).unsqueeze(-1), media[row], embeds)
         return embeds
 
 
@@ -108,21 +110,21 @@ class MediaTokenLMHead(nn.Linear):
     """The language model's output projection plus trainable output rows for the media tokens.
 
     Logits have `output_vocab_size` columns: the LM's vocabulary, extended when a media token id lies
-    past it; the media tokens' columns come from `media_weight`.
+    past it; the media tokens' columns come from `media_head`.
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, media_token_ids: tuple[int, ...], output_vocab_size: int):
         super().__init__(hidden_size, vocab_size, bias=False)
         self.media_token_ids = tuple(media_token_ids)
         self.output_vocab_size = output_vocab_size
-        self.media_weight = nn.Parameter(torch.empty(len(self.media_token_ids), hidden_size))
+        self.media_head = nn.Linear(hidden_size, len(self.media_token_ids), bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (B, T, H) -> logits (B, T, output_vocab_size)."""
         logits = F.linear(hidden_states, self.weight)
         if self.output_vocab_size > self.out_features:
             logits = F.pad(logits, (0, self.output_vocab_size - self.out_features))
-        media_logits = F.linear(hidden_states, self.media_weight)  # (B, T, num_media_tokens)
+        media_logits = self.media_head(hidden_states)  # (B, T, num_media_tokens)
         index = torch.tensor(self.media_token_ids, device=logits.device).expand(*logits.shape[:-1], -1)
         return logits.scatter(-1, index, media_logits)
 
@@ -250,15 +252,15 @@ class VisInContextDecoderLayer(nn.Module):
     The media arrive as keyword arguments of the LM's forward, which v5 decoder stacks hand to every layer.
     """
 
-    def __init__(self, decoder_layer: nn.Module, cross_attention: GatedCrossAttentionBlock | None):
+    def __init__(self, decoder_layer: nn.Module, gated_cross_attention: GatedCrossAttentionBlock | None):
         super().__init__()
-        self.cross_attention = cross_attention
+        self.gated_cross_attention = gated_cross_attention
         self.decoder_layer = decoder_layer
 
     def forward(self, hidden_states: torch.Tensor, *args, media=None, media_attention_mask=None, **kwargs):
-        if self.cross_attention is not None and media is not None:
+        if self.gated_cross_attention is not None and media is not None:
             # Positional, so gradient checkpointing (re-entrant) propagates gradients to the media.
-            hidden_states = self.cross_attention(hidden_states, media, media_attention_mask)
+            hidden_states = self.gated_cross_attention(hidden_states, media, media_attention_mask)
         return self.decoder_layer(hidden_states, *args, **kwargs)
 
 
@@ -320,9 +322,7 @@ def _check_batch(name: str, tensor: torch.Tensor | None, batch_size: int) -> Non
 
 def _init_new_parts(module: nn.Module, std: float) -> None:
     """Initialises the parameters VisInContext adds that generic `_init_weights` does not know."""
-    if isinstance(module, (MediaTokenEmbedding, MediaTokenLMHead)):
-        init.normal_(module.media_weight, mean=0.0, std=std)
-    elif isinstance(module, PerceiverResampler):
+    if isinstance(module, PerceiverResampler):
         init.normal_(module.latents, mean=0.0, std=1.0)
     elif isinstance(module, GatedCrossAttentionBlock):
         init.zeros_(module.attn_gate)
@@ -339,6 +339,11 @@ def _init_language_model_weights(language_model: PreTrainedModel, module: nn.Mod
     """
     type(language_model)._init_weights(language_model, module)
     _init_new_parts(module, std=getattr(language_model.config, "initializer_range", 0.02))
+
+
+# Names of the trainable parts VisInContext places inside the language model (also PEFT `modules_to_save`).
+NEW_PARTS_INSIDE_LANGUAGE_MODEL = (".gated_cross_attention.", ".media_embedding.", ".media_head.")
+NEW_MODULES = ("image_resampler", "context_resampler", "gated_cross_attention", "media_embedding", "media_head", "contrastive_head")
 
 
 class VisInContextPreTrainedModel(PreTrainedModel):
@@ -382,7 +387,7 @@ class VisInContextPreTrainedModel(PreTrainedModel):
         for name, param in self.named_parameters():
             in_vision = "vision_tower." in name
             in_language = ("language_model." in name or name.startswith("lm_head.")) and not (
-                ".cross_attention." in name or name.endswith("media_weight")
+                any(part in name for part in NEW_PARTS_INSIDE_LANGUAGE_MODEL)
             )
             if (in_vision and self.config.freeze_vision_tower) or (in_language and self.config.freeze_language_model):
                 param.requires_grad_(False)
@@ -663,7 +668,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
 
     _tied_weights_keys = {
         "lm_head.weight": "model.language_model.embed_tokens.weight",
-        "lm_head.media_weight": "model.language_model.embed_tokens.media_weight",
+        "lm_head.media_head.weight": "model.language_model.embed_tokens.media_embedding.weight",
     }
     _keys_to_ignore_on_load_unexpected = None
 
@@ -897,7 +902,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             for k, v in body.state_dict().items()
         }
         missing, unexpected = model.model.language_model.load_state_dict(renamed, strict=False)
-        new_parts = [k for k in missing if ".cross_attention." not in k and not k.endswith("media_weight")]
+        new_parts = [k for k in missing if not any(part in k for part in NEW_PARTS_INSIDE_LANGUAGE_MODEL)]
         if new_parts or unexpected:
             raise ValueError(f"language_model: weights do not match the wrapped model (missing {new_parts}, unexpected {unexpected})")
         with torch.no_grad():
