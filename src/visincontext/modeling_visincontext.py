@@ -281,7 +281,7 @@ class TextCentricContrastiveHead(nn.Module):
         self.text_norm = nn.LayerNorm(hidden_size)
         self.text_query = nn.Parameter(torch.empty(hidden_size))
         self.text_projection = nn.Linear(hidden_size, config.contrastive_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.empty(()))
+        self.logit_scale = nn.Parameter(torch.empty(1))  # 1-d, not 0-d: DeepSpeed cannot broadcast scalars
         self.temperature_init = config.contrastive_temperature_init
 
     def embed_context(self, context_latents: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:

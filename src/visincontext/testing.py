@@ -33,19 +33,24 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def vision_config(kind: str = "clip"):
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=8)
+def vision_config(kind: str = "clip", image_size: int = IMAGE_SIZE, hidden_size: int = 32):
+    common = dict(
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
+        image_size=image_size, patch_size=8,
+    )
     return CLIPVisionConfig(**common) if kind == "clip" else SiglipVisionConfig(**common)
 
 
-def text_config(kind: str = "llama"):
+def text_config(kind: str = "llama", hidden_size: int = 32):
     common = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB,
     )
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind](**common)
 
 
-def tiny_config(vision: str = "clip", text: str = "llama", **overrides) -> VisInContextConfig:
+def tiny_config(vision="clip", text="llama", vision_config=None, text_config=None, **overrides) -> VisInContextConfig:
+    """A tiny config; `vision`/`text` name the backbone kinds, or pass built `vision_config`/`text_config`."""
     settings = dict(
         num_latents=4,
         resampler_depth=1,
@@ -59,7 +64,12 @@ def tiny_config(vision: str = "clip", text: str = "llama", **overrides) -> VisIn
         end_of_chunk_token_id=EOC_ID,
     )
     settings.update(overrides)
-    return VisInContextConfig(vision_config=vision_config(vision), text_config=text_config(text), **settings)
+    vision_config = vision_config if vision_config is not None else _vision_config(vision)
+    text_config = text_config if text_config is not None else _text_config(text)
+    return VisInContextConfig(vision_config=vision_config, text_config=text_config, **settings)
+
+
+_vision_config, _text_config = vision_config, text_config
 
 
 def tiny_model(seed: int = 0, **kwargs) -> VisInContextForConditionalGeneration:

@@ -1,0 +1,280 @@
+"""Training data for VisInContext: dataset rows -> samples -> batches.
+
+A *sample* is a dict with `images` (in `<image>` order), `prompt` (tokens the LM reads but is not trained
+on), `text` (tokens it is trained on), `context` (text rendered into pages, or None) and `row_index`.
+`format_row` builds one from a row of any supported schema; `VisInContextCollator` turns samples into
+model inputs with labels, rendering the context on the fly (in DataLoader workers when
+`dataloader_num_workers > 0`) and dropping image latents with probability `token_mask_prob`.
+"""
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
+
+ROW_KINDS = ("interleaved", "mmc4", "pair", "text", "vqa")
+
+
+def load_image(value: Any, image_root: str | None = None) -> Image.Image:
+    """A PIL image from a PIL image, bytes, a `{"bytes"|"path"}` dict (datasets' Image feature) or a path."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value)).convert("RGB")
+    if isinstance(value, str):
+        if value.startswith(("http://", "https://")):
+            raise ValueError(f"image {value!r} is a URL: download the images first (this package reads local data)")
+        path = Path(image_root, value) if image_root and not os.path.isabs(value) else Path(value)
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    raise ValueError(f"image: expected a PIL image, bytes, a path or a datasets Image dict, got {type(value).__name__}")
+
+
+def _split_at_fraction(pieces: list[str], fraction: float) -> int:
+    """How many leading pieces to render: those that start before `fraction` of the characters, always
+    leaving at least the last piece as tokens."""
+    total, seen = sum(len(p) for p in pieces), 0
+    for i, piece in enumerate(pieces):
+        if seen >= fraction * total:
+            return min(i, len(pieces) - 1)
+        seen += len(piece)
+    return len(pieces) - 1
+
+
+def _interleaved(images: list, texts: list, context_fraction: float, max_images: int, image_root) -> dict:
+    """OBELICS layout (parallel lists, one of image/text per position). The earlier text becomes the
+    rendered context; the later positions stay as tokens, images as `<image>`, each image's chunk closed
+    by `<|endofchunk|>` (Flamingo's format). Images that fall in the context part are not used."""
+    text_positions = [i for i, t in enumerate(texts) if t is not None]
+    if not text_positions:
+        raise ValueError("the document has no text")
+    split = _split_at_fraction([texts[i] for i in text_positions], context_fraction)
+    context = "\n\n".join(texts[i] for i in text_positions[:split]) or None
+    start = text_positions[split - 1] + 1 if split else 0  # everything after the last rendered text
+    pieces, kept_images = [], []
+    for i in range(start, len(texts)):
+        if images[i] is not None and len(kept_images) < max_images:
+            if kept_images:
+                pieces.append(END_OF_CHUNK_TOKEN)
+            pieces.append(IMAGE_TOKEN)
+            kept_images.append(load_image(images[i], image_root))
+        elif texts[i] is not None:
+            pieces.append(texts[i] if not pieces or pieces[-1] in (IMAGE_TOKEN, END_OF_CHUNK_TOKEN) else " " + texts[i])
+    if kept_images:
+        pieces.append(END_OF_CHUNK_TOKEN)
+    return {"images": kept_images, "prompt": "", "text": "".join(pieces), "context": context}
+
+
+def format_row(
+    row: dict,
+    kind: str,
+    context_fraction: float = 0.5,
+    max_images: int = 4,
+    image_root: str | None = None,
+) -> dict:
+    """One dataset row -> one sample (see the module docstring). Raises `ValueError` on a malformed row.
+
+    kinds: `"interleaved"` (OBELICS: `images`/`texts` lists with None placeholders), `"mmc4"` (`text_list` +
+    `image_info` with `matched_text_index` and `image`/`image_name`), `"pair"` (`image` + `caption`/`text`),
+    `"text"` (`text`: the first `context_fraction` is rendered, the rest is trained on) and `"vqa"`
+    (`image`/`images`, `question`, `answer`, optional `context`: trained on the answer only).
+    """
+    if kind not in ROW_KINDS:
+        raise ValueError(f"kind: expected one of {ROW_KINDS}, got {kind!r}")
+
+    def need(*keys):
+        missing = [k for k in keys if k not in row or row[k] is None]
+        if missing:
+            raise ValueError(f"missing key(s) {missing} for a {kind!r} row (has {sorted(row)})")
+
+    if kind == "interleaved":
+        need("images", "texts")
+        if len(row["images"]) != len(row["texts"]):
+            raise ValueError(f"images and texts have different lengths ({len(row['images'])} vs {len(row['texts'])})")
+        return _interleaved(list(row["images"]), list(row["texts"]), context_fraction, max_images, image_root)
+    if kind == "mmc4":
+        need("text_list", "image_info")
+        texts = list(row["text_list"])
+        slots_images: list = [None] * len(texts)
+        for info in row["image_info"]:
+            index = info.get("matched_text_index")
+            if index is None or not 0 <= index < len(texts):
+                raise ValueError(f"image_info: matched_text_index {index!r} outside text_list of {len(texts)}")
+            slots_images[index] = info.get("image") or info.get("image_name") or info.get("image_path")
+        images, texts_out = [], []
+        for image, text in zip(slots_images, texts):  # an image stands before the text it is matched to
+            if image is not None:
+                images.append(image)
+                texts_out.append(None)
+            images.append(None)
+            texts_out.append(text)
+        return _interleaved(images, texts_out, context_fraction, max_images, image_root)
+    if kind == "pair":
+        need("image")
+        caption = row.get("caption", row.get("text"))
+        if not isinstance(caption, str):
+            raise ValueError("missing key 'caption' (or 'text') for a 'pair' row")
+        return {"images": [load_image(row["image"], image_root)], "prompt": "", "text": f"{IMAGE_TOKEN}{caption}{END_OF_CHUNK_TOKEN}", "context": None}
+    if kind == "text":
+        need("text")
+        text = row["text"]
+        cut = text.rfind(" ", 0, int(len(text) * context_fraction)) + 1 or int(len(text) * context_fraction)
+        return {"images": [], "prompt": "", "text": text[cut:], "context": text[:cut] or None}
+    need("question", "answer")
+    images = row.get("images") if row.get("images") is not None else ([row["image"]] if row.get("image") is not None else [])
+    prompt = "".join(IMAGE_TOKEN for _ in images) + f"Question: {row['question']} Answer:"
+    return {
+        "images": [load_image(image, image_root) for image in images],
+        "prompt": prompt,
+        "text": f" {row['answer']}{END_OF_CHUNK_TOKEN}",
+        "context": row.get("context"),
+    }
+
+
+def format_dataset(dataset, kind: str, skip_bad_rows: bool = False, **format_kwargs):
+    """Wraps a `datasets.Dataset` (or any sized, indexable dataset) or an `IterableDataset` so that each row
+    is formatted when read (images stay lazily decoded). Returns `(dataset, BadRowCounter)`.
+
+    A malformed row raises `ValueError` naming its index; with `skip_bad_rows=True` it is skipped (the collator
+    drops it from its batch) and counted in the counter, with a warning.
+    """
+    counter = BadRowCounter()
+
+    def convert(row, index):
+        try:
+            sample = format_row(row, kind, **format_kwargs)
+        except (ValueError, KeyError, OSError, TypeError) as error:
+            if not skip_bad_rows:
+                raise ValueError(f"row {index}: {error}") from error
+            counter.add(index, error)
+            return None
+        sample["row_index"] = index
+        return sample
+
+    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        return _FormattedDataset(dataset, convert), counter
+    return _FormattedIterableDataset(dataset, convert), counter
+
+
+class BadRowCounter:
+    """Indices and reasons of the rows skipped with `skip_bad_rows`."""
+
+    def __init__(self):
+        self.skipped: dict[int, str] = {}
+
+    def add(self, index: int, error: Exception) -> None:
+        from transformers.utils import logging
+
+        self.skipped[index] = str(error)
+        logging.get_logger(__name__).warning(f"skipping bad row {index}: {error} ({len(self.skipped)} skipped so far)")
+
+    def __len__(self) -> int:
+        return len(self.skipped)
+
+
+class _FormattedDataset(torch.utils.data.Dataset):
+    def __init__(self, dataset, convert):
+        self.dataset, self.convert = dataset, convert
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict | None:
+        return self.convert(self.dataset[int(index)], int(index))
+
+
+class _FormattedIterableDataset(torch.utils.data.IterableDataset):
+    """Streaming rows, formatted as read; DataLoader workers take every n-th row."""
+
+    def __init__(self, dataset, convert):
+        self.dataset, self.convert = dataset, convert
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        for index, row in enumerate(self.dataset):
+            if worker is not None and index % worker.num_workers != worker.id:
+                continue
+            sample = self.convert(row, index)
+            if sample is not None:
+                yield sample
+
+
+@dataclass
+class VisInContextCollator:
+    """Samples -> a batch of model inputs with `labels`.
+
+    Labels are the input ids, with -100 on padding, on `<image>` tokens and on the prompt. Image latents are
+    dropped with probability `token_mask_prob` (the paper's token masking, 0.5 in pretraining) through the
+    `image_latents_mask` input, drawn from a generator seeded with `seed` (offset per DataLoader worker and
+    per process, so workers and ranks draw different masks and a rerun draws the same ones).
+    """
+
+    processor: Any
+    token_mask_prob: float = 0.0
+    seed: int = 0
+    return_context_ids: bool = False
+    max_length: int | None = None
+    _generator: torch.Generator | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if not 0.0 <= self.token_mask_prob <= 1.0:
+            raise ValueError(f"token_mask_prob: expected a probability in [0, 1], got {self.token_mask_prob}")
+
+    def generator(self) -> torch.Generator:
+        if self._generator is None:
+            worker = torch.utils.data.get_worker_info()
+            offset = (worker.id + 1 if worker is not None else 0) + 1009 * int(os.environ.get("RANK", 0))
+            self._generator = torch.Generator().manual_seed(self.seed + 7919 * offset)
+        return self._generator
+
+    def image_latents_mask(self, image_mask: torch.Tensor) -> torch.Tensor:
+        """(B, N) real-image mask -> (B, N) keep mask: each real image kept with probability 1 - token_mask_prob."""
+        keep = torch.rand(image_mask.shape, generator=self.generator()) >= self.token_mask_prob
+        return keep & image_mask
+
+    def __call__(self, samples: list[dict | None]) -> dict:
+        samples = [s for s in samples if s is not None]  # rows skipped by format_dataset(skip_bad_rows=True)
+        if not samples:
+            raise ValueError("samples: every row of this batch was skipped as bad; see the warnings above")
+        for sample in samples:
+            if not isinstance(sample, dict) or not {"images", "prompt", "text"} <= set(sample):
+                raise ValueError("samples: expected dicts from format_row with images, prompt, text and context")
+        texts = [s["prompt"] + s["text"] for s in samples]
+        try:
+            images = [[load_image(image) for image in s["images"]] for s in samples]
+        except (OSError, ValueError) as error:
+            rows = [s.get("row_index") for s in samples]
+            raise ValueError(f"an image of rows {rows} cannot be read: {error}") from error
+        text_kwargs = dict(padding=True, padding_side="right", return_offsets_mapping=True)
+        if self.max_length is not None:
+            text_kwargs.update(truncation=True, max_length=self.max_length)
+        batch = self.processor(
+            images=images, text=texts, context=[s.get("context") for s in samples], return_tensors="pt",
+            return_context_ids=self.return_context_ids, **text_kwargs,
+        )
+        offsets = batch.pop("offset_mapping")  # (B, T, 2): character span of each token
+        prompt_lengths = torch.tensor([len(s["prompt"]) for s in samples])
+        labels = batch["input_ids"].clone()
+        is_prompt = offsets[..., 0] < prompt_lengths[:, None]
+        is_media = batch["input_ids"] == self.processor.image_token_id
+        labels[is_prompt | is_media | (batch["attention_mask"] == 0)] = -100
+        batch["labels"] = labels
+        if batch["image_mask"].shape[1] and self.token_mask_prob > 0:
+            batch["image_latents_mask"] = self.image_latents_mask(batch["image_mask"])
+        return dict(batch)
+
+
+def split_for_this_process(dataset):
+    """Streaming datasets: each process (rank) reads a disjoint set of shards / rows."""
+    from datasets.distributed import split_dataset_by_node
+
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    return split_dataset_by_node(dataset, rank=rank, world_size=world_size) if world_size > 1 else dataset

@@ -1,0 +1,212 @@
+"""What `examples/pretrain.py` and `examples/finetune.py` share: arguments, model and data building, and a
+`Trainer` that logs `lm_loss` and `contrastive_loss` beside `loss`."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers.utils import logging
+
+from .data import ROW_KINDS, VisInContextCollator, format_dataset, split_for_this_process
+from .modeling_visincontext import NEW_MODULES, VisInContextForConditionalGeneration
+from .processing_visincontext import VisInContextProcessor
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A VisInContext folder or Hub id to continue from."})
+    vision_model: str | None = field(default=None, metadata={"help": "Vision tower (Hub id or folder) for a new model."})
+    language_model: str | None = field(default=None, metadata={"help": "Causal LM (Hub id or folder) for a new model."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2 (needs flash-attn)."})
+    cross_attention_every: int = field(default=4, metadata={"help": "A cross-attention block before every N-th LM layer."})
+    num_latents: int = field(default=64, metadata={"help": "Resampler latents per image or page."})
+    freeze_language_model: bool = field(default=True, metadata={"help": "Keep the LM body frozen (the paper's setup)."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LM (0: no LoRA)."})
+    lora_alpha: int = field(default=16)
+    lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated LM module names for LoRA."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the backbones in 4 bit (bitsandbytes); needs --lora_r."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(default=None, metadata={"help": "Hub id, data file (.jsonl/.json/.parquet/.csv) or folder."})
+    data_format: str = field(default="interleaved", metadata={"help": f"Row schema: one of {ROW_KINDS}."})
+    dataset_config: str | None = field(default=None)
+    split: str = field(default="train")
+    streaming: bool = field(default=False, metadata={"help": "Stream the data set (IterableDataset), split across processes."})
+    image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths are read from."})
+    context_fraction: float = field(default=0.5, metadata={"help": "Share of a document's text rendered as context."})
+    max_images: int = field(default=4)
+    max_pages: int = field(default=8, metadata={"help": "Most rendered context pages per sample."})
+    max_length: int | None = field(default=None, metadata={"help": "Truncate token sequences to this length."})
+    token_mask_prob: float = field(default=0.5, metadata={"help": "Probability of dropping image latents (token masking)."})
+    contrastive: bool = field(default=True, metadata={"help": "Add the text-centric contrastive loss (needs context)."})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count malformed rows instead of stopping."})
+
+
+class VisInContextTrainer(Trainer):
+    """A `Trainer` that also logs the averages of `lm_loss` and `contrastive_loss` since the last log."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loss_parts: dict[str, list[float]] = {"lm_loss": [], "contrastive_loss": []}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        for name, values in self._loss_parts.items():
+            value = outputs.get(name) if hasattr(outputs, "get") else None
+            if value is not None and model.training:
+                values.append(value.detach().float().item())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:
+            for name, values in self._loss_parts.items():
+                if values:
+                    logs[name] = round(sum(values) / len(values), 4)
+                    values.clear()
+        super().log(logs, *args, **kwargs)
+
+
+def tiny_model_and_processor(args: ModelArguments):
+    """The offline default: a small random model (64-px pages, 8-px rows) and the byte-level tokenizer. Its LM
+    is random, so it is trained too (nothing pretrained to keep frozen)."""
+    from .testing import text_config, tiny_config, tiny_processor, vision_config
+
+    torch.manual_seed(0)
+    vision = vision_config(image_size=64, hidden_size=64)
+    text = text_config(hidden_size=64)
+    config = tiny_config(vision_config=vision, text_config=text, num_latents=min(args.num_latents, 16), freeze_language_model=False)
+    config._attn_implementation = args.attn_implementation
+    return VisInContextForConditionalGeneration(config), tiny_processor(image_size=64, line_height=8)
+
+
+def quantization_config():
+    from transformers import BitsAndBytesConfig
+
+    # Only the language model body is quantised; new parts train in full precision.
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=[rf".*{name}" for name in (*NEW_MODULES, "vision_tower")] + ["lm_head"],
+    )
+
+
+def build_model_and_processor(args: ModelArguments, data_args: DataArguments):
+    if args.load_in_4bit and not args.lora_r:
+        raise ValueError("load_in_4bit: QLoRA trains LoRA adapters; also pass --lora_r")
+    if args.model_name_or_path:
+        extra = {"quantization_config": quantization_config(), "device_map": {"": "cpu" if not torch.cuda.is_available() else 0}} if args.load_in_4bit else {}
+        model = VisInContextForConditionalGeneration.from_pretrained(
+            args.model_name_or_path, attn_implementation=args.attn_implementation, **extra
+        )
+        processor = VisInContextProcessor.from_pretrained(args.model_name_or_path)
+    elif args.vision_model and args.language_model:
+        model = VisInContextForConditionalGeneration.from_backbones(
+            vision_model=args.vision_model, language_model=args.language_model,
+            cross_attention_every=args.cross_attention_every, num_latents=args.num_latents,
+            freeze_language_model=args.freeze_language_model,
+        )
+        model.set_attn_implementation(args.attn_implementation)
+        processor = VisInContextProcessor.from_backbones(args.vision_model, args.language_model)
+    elif args.vision_model or args.language_model:
+        raise ValueError("vision_model / language_model: pass both to build a new model, or --model_name_or_path")
+    else:
+        model, processor = tiny_model_and_processor(args)
+    processor.max_pages = data_args.max_pages
+    if args.lora_r:
+        model = add_lora(model, args)
+    return model, processor
+
+
+def add_lora(model, args: ModelArguments):
+    """LoRA on the language model's attention; the VisInContext parts train in full and are saved with the adapter."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if args.load_in_4bit:
+        model.train()  # before any no-grad forward: bitsandbytes repacks 4-bit weights in eval mode on CPU
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = "|".join(name.strip() for name in args.lora_target_modules.split(",") if name.strip())
+    config = LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+        target_modules=rf".*language_model\.layers\.\d+\.decoder_layer\..*\.({targets})",
+        modules_to_save=list(NEW_MODULES),
+    )
+    return get_peft_model(model, config)
+
+
+def load_training_data(data_args: DataArguments, processor, seed: int):
+    from datasets import load_dataset
+
+    source, image_root = data_args.dataset, data_args.image_root
+    if not source:
+        raise ValueError("dataset: pass a Hub id, a data file or a folder")
+    if os.path.isfile(source):
+        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(Path(source).suffix)
+        if builder is None:
+            raise ValueError(f"dataset: cannot read {source!r} (expected .jsonl, .json, .parquet or .csv)")
+        dataset = load_dataset(builder, data_files=source, split=data_args.split, streaming=data_args.streaming)
+        image_root = image_root or str(Path(source).parent)
+    elif os.path.isdir(source):
+        dataset = load_dataset(source, data_args.dataset_config, split=data_args.split, streaming=data_args.streaming)
+    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ValueError(f"dataset: no file or folder at {source!r}")
+    else:  # a Hub id
+        dataset = load_dataset(source, data_args.dataset_config, split=data_args.split, streaming=data_args.streaming)
+    if data_args.streaming:
+        dataset = split_for_this_process(dataset)
+    formatted, bad_rows = format_dataset(
+        dataset, data_args.data_format, skip_bad_rows=data_args.skip_bad_rows, context_fraction=data_args.context_fraction,
+        max_images=data_args.max_images, image_root=image_root,
+    )
+    collator = VisInContextCollator(
+        processor, token_mask_prob=data_args.token_mask_prob, seed=seed, return_context_ids=data_args.contrastive,
+        max_length=data_args.max_length,
+    )
+    return formatted, collator, bad_rows
+
+
+def save_trained(trainer: Trainer, processor, output_dir: str) -> None:
+    """Saves a folder `AutoModelForImageTextToText.from_pretrained` loads. Runs on every process (ZeRO-3 gathers
+    the partitioned weights). With LoRA the adapter and the fully trained VisInContext parts go to
+    `output_dir/adapter` and the merged model to `output_dir` (adapter only on a 4-bit base)."""
+    model = trainer.model
+    if not hasattr(model, "peft_config"):
+        trainer.save_model(output_dir)
+        if trainer.is_world_process_zero():
+            processor.save_pretrained(output_dir)
+        return
+    adapter_dir = os.path.join(output_dir, "adapter")
+    trainer.save_model(adapter_dir)
+    if not trainer.is_world_process_zero():
+        return
+    processor.save_pretrained(adapter_dir)
+    if getattr(model.base_model.model, "is_loaded_in_4bit", False):
+        logger.warning("4-bit base: saved the adapter only; load it with peft.PeftModel.from_pretrained(base, adapter_dir)")
+        return
+    model.merge_and_unload().save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
+def main(defaults: dict | None = None, args: list[str] | None = None) -> dict:
+    """Parses `ModelArguments`, `DataArguments` and `TrainingArguments`, trains, saves; returns the metrics."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if defaults:
+        parser.set_defaults(**defaults)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
+    training_args.remove_unused_columns = False
+    model, processor = build_model_and_processor(model_args, data_args)
+    train_dataset, collator, bad_rows = load_training_data(data_args, processor, training_args.seed)
+    trainer = VisInContextTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.is_deepspeed_enabled and trainer.is_world_process_zero():
+        engine = trainer.model_wrapped
+        print(f"DeepSpeed: {type(engine).__name__}, ZeRO stage {engine.zero_optimization_stage()}, "
+              f"{training_args.world_size} processes")
+    if len(bad_rows):
+        logger.warning(f"skipped {len(bad_rows)} bad rows: {sorted(bad_rows.skipped)}")
+    save_trained(trainer, processor, training_args.output_dir)
+    return {**result.metrics, "skipped_rows": len(bad_rows), "log_history": trainer.state.log_history}

@@ -1,0 +1,198 @@
+"""Training: collator, data formatting, Trainer scripts, resume, QLoRA, DeepSpeed (issue: training)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+from tiny import IMAGE_ID, tiny_processor
+from visincontext.data import VisInContextCollator, format_dataset, format_row
+from visincontext.training import main
+
+ROOT = Path(__file__).resolve().parents[1]
+OBELICS = ROOT / "examples" / "data" / "obelics_sample.jsonl"
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def image(seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+
+
+def test_pretrain_script_learns_and_saves_loadable_model(tmp_path):
+    from pretrain import DEFAULTS
+
+    metrics = main(DEFAULTS, ["--output_dir", str(tmp_path), "--max_steps", "30", "--use_cpu", "--learning_rate", "3e-3",
+                              "--logging_steps", "1", "--lr_scheduler_type", "constant"])
+    losses = [entry["loss"] for entry in metrics["log_history"] if "loss" in entry]
+    assert len(losses) == 30
+    assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
+    assert all("lm_loss" in e and "contrastive_loss" in e for e in metrics["log_history"] if "loss" in e)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert type(model).__name__ == "VisInContextForConditionalGeneration"
+    assert (tmp_path / "processor_config.json").exists() and (tmp_path / "model.safetensors").exists()
+
+
+def test_collator_token_masking_rate_and_seed():
+    processor = tiny_processor()
+    collator = VisInContextCollator(processor, token_mask_prob=0.3, seed=123)
+    image_mask = torch.ones(10_000, 1, dtype=torch.bool)
+    first = collator.image_latents_mask(image_mask)
+    rate = 1 - first.float().mean().item()
+    assert abs(rate - 0.3) < 0.01, rate
+    again = VisInContextCollator(processor, token_mask_prob=0.3, seed=123).image_latents_mask(image_mask)
+    other = VisInContextCollator(processor, token_mask_prob=0.3, seed=124).image_latents_mask(image_mask)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    padded = collator.image_latents_mask(torch.tensor([[True, False]] * 100))
+    assert not padded[:, 1].any()  # padding slots are never "kept"
+
+
+def test_collator_labels_mask_exactly_padding_media_and_prompt():
+    processor = tiny_processor()
+    samples = [
+        format_row({"image": image(), "question": "what?", "answer": "a red circle"}, "vqa"),
+        format_row({"image": image(1), "caption": "two shapes"}, "pair"),
+    ]
+    batch = VisInContextCollator(processor)(samples)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    tokenizer = processor.tokenizer
+    for row, sample in enumerate(samples):
+        prompt_tokens = len(tokenizer(sample["prompt"], add_special_tokens=False)["input_ids"]) if sample["prompt"] else 0
+        trained = labels[row] != -100
+        expected = (mask[row] == 1) & (ids[row] != IMAGE_ID)
+        expected[:prompt_tokens] = False
+        assert torch.equal(trained, expected), (row, trained, expected)
+        assert processor.decode(ids[row][trained]) == sample["text"].replace("<image>", "")
+    assert "image_latents_mask" not in batch  # token_mask_prob=0: nothing dropped
+
+
+def test_interleaved_row_renders_earlier_text_as_context():
+    row = {"images": [None, image(), None, None, image(1), None], "texts": ["Alpha beta gamma.", None, "Delta.", "Epsilon zeta.", None, "Eta."]}
+    # texts until half the characters are seen become context; what follows stays as tokens
+    sample = format_row(row, "interleaved", context_fraction=0.5)
+    assert sample["context"] == "Alpha beta gamma.\n\nDelta."
+    assert sample["text"] == "Epsilon zeta.<image>Eta.<|endofchunk|>"
+    assert len(sample["images"]) == 1
+    early = format_row(row, "interleaved", context_fraction=0.2)
+    assert early["context"] == "Alpha beta gamma."
+    assert early["text"] == "<image>Delta. Epsilon zeta.<|endofchunk|><image>Eta.<|endofchunk|>" and len(early["images"]) == 2
+    mmc4 = {"text_list": ["Alpha beta gamma.", "Delta.", "Eta."], "image_info": [{"matched_text_index": 1, "image": image()}]}
+    assert format_row(mmc4, "mmc4")["text"] == "<image>Delta. Eta.<|endofchunk|>"
+    text_only = format_row({"text": "one two three four five six"}, "text")
+    assert text_only["context"] + text_only["text"] == "one two three four five six" and not text_only["images"]
+
+
+def test_bad_rows_name_their_index_or_are_skipped(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [
+        {"images": ["ok.png", None], "texts": [None, "fine"]},
+        {"images": [None], "texts": ["a", "b"]},  # lengths differ
+        {"texts": ["no images key"]},  # missing key
+        {"images": ["broken.png", None], "texts": [None, "unreadable image"]},
+        {"images": [None, "ok.png", None], "texts": ["context here", None, "fine too"]},
+    ]
+    dataset, _ = format_dataset(rows, "interleaved", image_root=str(tmp_path))
+    assert dataset[0]["text"] == "<image>fine<|endofchunk|>"
+    for index, fragment in ((1, "different lengths"), (2, "missing key"), (3, "cannot identify image")):
+        with pytest.raises(ValueError, match=f"row {index}: .*{fragment}"):
+            dataset[index]
+    dataset, counter = format_dataset(rows, "interleaved", skip_bad_rows=True, image_root=str(tmp_path))
+    samples = [dataset[i] for i in range(len(rows))]
+    assert [s is None for s in samples] == [False, True, True, True, False] and sorted(counter.skipped) == [1, 2, 3]
+    batch = VisInContextCollator(tiny_processor())(samples)  # bad rows are dropped from their batch
+    assert batch["input_ids"].shape[0] == 2
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    from pretrain import DEFAULTS
+
+    common = ["--use_cpu", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--logging_steps", "1",
+              "--token_mask_prob", "0", "--seed", "7"]
+    straight = main(DEFAULTS, ["--output_dir", str(tmp_path / "a"), "--max_steps", "10", *common])
+    main(DEFAULTS, ["--output_dir", str(tmp_path / "b"), "--max_steps", "5", "--save_strategy", "steps", "--save_steps", "5", *common])
+    resumed = main(DEFAULTS, ["--output_dir", str(tmp_path / "b"), "--max_steps", "10", "--resume_from_checkpoint",
+                              str(tmp_path / "b" / "checkpoint-5"), *common])
+    loss_a = [e["loss"] for e in straight["log_history"] if "loss" in e][-1]
+    loss_b = [e["loss"] for e in resumed["log_history"] if "loss" in e][-1]
+    assert abs(loss_a - loss_b) < 1e-5
+    a = AutoModelForImageTextToText.from_pretrained(tmp_path / "a").state_dict()
+    b = AutoModelForImageTextToText.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_qlora_trains_adapters_and_new_modules_only(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="the [quant] extra")
+    from peft import PeftModel
+
+    from visincontext.training import DataArguments, ModelArguments, add_lora, build_model_and_processor, quantization_config
+
+    base, processor = build_model_and_processor(ModelArguments(), DataArguments())
+    base.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    args = ModelArguments(model_name_or_path=str(tmp_path / "base"), lora_r=4, load_in_4bit=True)
+    model, processor = build_model_and_processor(args, DataArguments())
+    assert type(model.base_model.model.model.language_model.layers[0].decoder_layer.self_attn.k_proj).__name__ == "Linear4bit"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = [json.loads(line) for line in OBELICS.read_text().splitlines()[:8]]
+    dataset, _ = format_dataset(rows, "interleaved", image_root=str(OBELICS.parent))
+    batch = VisInContextCollator(processor, return_context_ids=True)([dataset[i] for i in range(8)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(5):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    assert any("context_resampler" in n for n in changed) and any("gated_cross_attention" in n for n in changed)
+    frozen_4bit = [n for n, p in model.named_parameters() if p.dtype == torch.uint8]
+    assert frozen_4bit and not set(frozen_4bit) & changed
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path / "adapter")
+    fresh = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "base", quantization_config=quantization_config(), device_map={"": "cpu"}
+    )
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, expected)
+
+
+def _launch(tmp_path, config: str, processes: int, steps: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples" / "accelerate" / config),
+        "--num_processes", str(processes), str(ROOT / "examples" / "pretrain.py"),
+        "--output_dir", str(tmp_path), "--max_steps", str(steps), "--use_cpu", "--logging_steps", "1",
+    ]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes(tmp_path):
+    pytest.importorskip("deepspeed", reason="the [deepspeed] extra")
+    result = _launch(tmp_path, "deepspeed_zero2.yaml", processes=2, steps=3)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "DeepSpeed: DeepSpeedEngine, ZeRO stage 2, 2 processes" in result.stdout, result.stdout[-2000:]
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert type(model).__name__ == "VisInContextForConditionalGeneration"
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_one_process(tmp_path):
+    pytest.importorskip("deepspeed", reason="the [deepspeed] extra")
+    result = _launch(tmp_path, "deepspeed_zero3.yaml", processes=1, steps=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "DeepSpeed: DeepSpeedEngine, ZeRO stage 3, 1 processes" in result.stdout, result.stdout[-2000:]
+    # full weights, not ZeRO-3 placeholders: from_pretrained finds every weight with its full shape
+    model, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.model.language_model.embed_tokens.weight.shape == (259, 64)
