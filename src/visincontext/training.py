@@ -63,6 +63,19 @@ class VisInContextTrainer(Trainer):
                 values.append(value.detach().float().item())
         return (loss, outputs) if return_outputs else loss
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """`push_to_hub` writes the VisInContext card (hub_cards/model_card.md) with this run's arguments."""
+        from .hub import build_model_card
+
+        if not self.is_world_process_zero():
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        model = model.base_model.model if hasattr(model, "peft_config") else model
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).name
+        processor = self.processing_class if hasattr(self.processing_class, "renderer") else None
+        card = build_model_card(model, processor, repo_id=repo_id, training_args=self.args, datasets=kwargs.get("dataset_tags"))
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:
             for name, values in self._loss_parts.items():
@@ -200,7 +213,9 @@ def main(defaults: dict | None = None, args: list[str] | None = None) -> dict:
     training_args.remove_unused_columns = False
     model, processor = build_model_and_processor(model_args, data_args)
     train_dataset, collator, bad_rows = load_training_data(data_args, processor, training_args.seed)
-    trainer = VisInContextTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator)
+    trainer = VisInContextTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, data_collator=collator, processing_class=processor
+    )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.is_deepspeed_enabled and trainer.is_world_process_zero():
         engine = trainer.model_wrapped
