@@ -465,8 +465,9 @@ class VisInContextModel(VisInContextPreTrainedModel):
         context_mask: (B, P). Returns image latents (B, N, L, D) and context latents (B, P, L, D),
         zeros where padded, or `None` for an absent input.
         """
-        groups = [(v, m) for v, m in ((pixel_values, image_mask), (context_pixel_values, context_mask)) if v is not None]
-        frames = torch.cat([values[mask] for values, mask in groups])  # (M, 3, H, W)
+        # without a mask every slot is real: no gather (this also keeps the path shape-only, e.g. on the meta device)
+        groups = [v.flatten(0, 1) if m is None else v[m] for v, m in ((pixel_values, image_mask), (context_pixel_values, context_mask)) if v is not None]
+        frames = torch.cat(groups)  # (M, 3, H, W)
         dtype = self.vision_tower.dtype
         features = self.vision_tower(pixel_values=frames.to(dtype)).last_hidden_state if len(frames) else None
         outputs, start = [], 0
@@ -477,10 +478,14 @@ class VisInContextModel(VisInContextPreTrainedModel):
             if values is None:
                 outputs.append(None)
                 continue
-            count = int(mask.sum())
-            latents = values.new_zeros(*mask.shape, self.config.num_latents, self.config.vision_config.hidden_size, dtype=dtype)
-            if count:
-                latents = latents.masked_scatter(mask[..., None, None], resampler(features[start : start + count]))
+            shape = (*values.shape[:2], self.config.num_latents, self.config.vision_config.hidden_size)
+            count = values.shape[0] * values.shape[1] if mask is None else int(mask.sum())
+            if mask is None:
+                latents = resampler(features[start : start + count]).view(shape) if count else values.new_zeros(shape, dtype=dtype)
+            else:
+                latents = values.new_zeros(shape, dtype=dtype)
+                if count:
+                    latents = latents.masked_scatter(mask[..., None, None], resampler(features[start : start + count]))
             outputs.append(latents)
             start += count
         return outputs[0], outputs[1]
@@ -612,13 +617,15 @@ class VisInContextModel(VisInContextPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         chunk_ids = self._chunk_ids(input_ids, inputs_embeds, past_chunk_ids)
 
-        if pixel_values is not None and image_mask is None:
-            image_mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
-        if context_pixel_values is not None and context_mask is None:
-            context_mask = torch.ones(context_pixel_values.shape[:2], dtype=torch.bool, device=context_pixel_values.device)
-        if media_latents is None and input_ids is not None:  # the prompt's <image> tokens must match its images
+        if media_latents is None and input_ids is not None and input_ids.device.type != "meta":
+            # the prompt's <image> tokens must match its images (a data-dependent check: not on the meta device)
             num_image_tokens = (input_ids == self.config.image_token_id).sum(dim=1)
-            num_images = image_mask.sum(dim=1) if image_mask is not None else torch.zeros_like(num_image_tokens)
+            if image_mask is not None:
+                num_images = image_mask.sum(dim=1)
+            elif pixel_values is not None:
+                num_images = torch.full_like(num_image_tokens, pixel_values.shape[1])
+            else:
+                num_images = torch.zeros_like(num_image_tokens)
             if (num_image_tokens > num_images).any():
                 raise ValueError(
                     f"input_ids: more {IMAGE_TOKEN} tokens than images per sample: {num_image_tokens.tolist()} tokens "
@@ -633,6 +640,10 @@ class VisInContextModel(VisInContextPreTrainedModel):
         context_latents = None
         if media_latents is None and (pixel_values is not None or context_pixel_values is not None):
             image_latents, context_latents = self.encode_media(pixel_values, image_mask, context_pixel_values, context_mask)
+            if pixel_values is not None and image_mask is None:
+                image_mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
+            if context_pixel_values is not None and context_mask is None:
+                context_mask = torch.ones(context_pixel_values.shape[:2], dtype=torch.bool, device=context_pixel_values.device)
             image_valid = image_mask if image_latents_mask is None else image_mask & image_latents_mask.bool()
             media_latents, media_latents_mask = self.fuse_media(image_latents, image_valid, context_latents, context_mask)
 
