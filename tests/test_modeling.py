@@ -190,11 +190,14 @@ def test_training_reduces_lm_and_contrastive_loss():
 def test_generate_cache_equals_no_cache_and_encodes_once():
     model = open_gates(tiny_model())
     batch = sample_batch()
-    calls = []
+    calls, projections = [], []
     model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    for layer in model.model.language_model.layers:
+        layer.gated_cross_attention.cross_attention.to_kv.register_forward_hook(lambda *a: projections.append(1))
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     cached = model.generate(**batch, use_cache=True, **kwargs)
-    assert len(calls) == 1
+    assert len(calls) == 1  # images and pages encoded once
+    assert len(projections) == 2  # and projected once per cross-attention block, not at every step
     uncached = model.generate(**batch, use_cache=False, **kwargs)
     assert torch.equal(cached, uncached)
     assert cached.shape[1] == batch["input_ids"].shape[1] + 6

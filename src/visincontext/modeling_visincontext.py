@@ -41,6 +41,8 @@ class VisInContextModelOutputWithPast(BaseModelOutputWithPast):
         `generate` so images and pages are encoded once per call.
     media_latents_mask (`torch.LongTensor` of shape `(B, C, K)`):
         1 where a memory slot holds a real image or page, 0 for padding (like `attention_mask`).
+    media_key_values (tuple of `(key, value)` pairs, each `(B, heads, C * K, head_dim)`):
+        The memory projected by each cross-attention block: computed once, reused by `generate` at every step.
     chunk_ids (`torch.LongTensor` of shape `(B, T)`):
         Chunk of each text token: the number of `<image>` tokens up to and including it.
     context_latents (`torch.FloatTensor` of shape `(B, P, L, D)`):
@@ -49,6 +51,7 @@ class VisInContextModelOutputWithPast(BaseModelOutputWithPast):
 
     media_latents: torch.FloatTensor | None = None
     media_latents_mask: torch.BoolTensor | None = None
+    media_key_values: tuple | None = None
     chunk_ids: torch.LongTensor | None = None
     context_latents: torch.FloatTensor | None = None
 
@@ -75,6 +78,7 @@ class VisInContextCausalLMOutputWithPast(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     media_latents: torch.FloatTensor | None = None
     media_latents_mask: torch.BoolTensor | None = None
+    media_key_values: tuple | None = None
     chunk_ids: torch.LongTensor | None = None
 
 
@@ -215,14 +219,20 @@ class MaskedCrossAttention(nn.Module):
         self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, hidden_size, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor, media: torch.Tensor, media_attention_mask: torch.Tensor) -> torch.Tensor:
+    def key_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """media: (B, S, D) flattened memory -> key, value (B, h, S, dh). Computed once per `generate`."""
+        key, value = self.to_kv(media.to(self.to_kv.weight.dtype)).chunk(2, dim=-1)
+        return _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)
+
+    def forward(
+        self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor, media_attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """
-        hidden_states: (B, T, H); media: (B, S, D) flattened memory; media_attention_mask: (B, T, S) bool,
-        True where a token may read a slot. Tokens with no readable slot get exactly 0.
+        hidden_states: (B, T, H); key, value: (B, h, S, dh) from `key_values`; media_attention_mask: (B, T, S)
+        bool, True where a token may read a slot. Tokens with no readable slot get exactly 0.
         """
         query = _split_heads(self.to_q(self.norm(hidden_states)), self.num_heads)  # (B, h, T, dh)
-        key, value = self.to_kv(media.to(hidden_states.dtype)).chunk(2, dim=-1)
-        key, value = _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)  # (B, h, S, dh)
+        key, value = key.to(query.dtype), value.to(query.dtype)
         reads_media = media_attention_mask.any(dim=-1, keepdim=True)  # (B, T, 1)
         # A row with no allowed slot would be all -inf (NaN after softmax): let it attend anywhere, then zero it.
         mask = (media_attention_mask | ~reads_media).unsqueeze(1)  # (B, 1, T, S)
@@ -240,9 +250,12 @@ class GatedCrossAttentionBlock(GradientCheckpointingLayer):
         self.feed_forward = FeedForward(config.text_config.hidden_size, config.cross_attention_ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, hidden_states: torch.Tensor, media: torch.Tensor, media_attention_mask: torch.Tensor) -> torch.Tensor:
-        """hidden_states: (B, T, H); media: (B, S, D); media_attention_mask: (B, T, S) -> (B, T, H)"""
-        hidden_states = hidden_states + self.attn_gate.tanh() * self.cross_attention(hidden_states, media, media_attention_mask)
+    def forward(
+        self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor, media_attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden_states: (B, T, H); key, value: (B, h, S, dh); media_attention_mask: (B, T, S) -> (B, T, H)"""
+        attended = self.cross_attention(hidden_states, key, value, media_attention_mask)
+        hidden_states = hidden_states + self.attn_gate.tanh() * attended
         return hidden_states + self.ff_gate.tanh() * self.feed_forward(hidden_states)
 
 
@@ -252,15 +265,17 @@ class VisInContextDecoderLayer(nn.Module):
     The media arrive as keyword arguments of the LM's forward, which v5 decoder stacks hand to every layer.
     """
 
-    def __init__(self, decoder_layer: nn.Module, gated_cross_attention: GatedCrossAttentionBlock | None):
+    def __init__(self, decoder_layer: nn.Module, gated_cross_attention: GatedCrossAttentionBlock | None, index: int | None):
         super().__init__()
         self.gated_cross_attention = gated_cross_attention
         self.decoder_layer = decoder_layer
+        self.cross_attention_index = index  # position of this block's entry in `media_key_values`
 
-    def forward(self, hidden_states: torch.Tensor, *args, media=None, media_attention_mask=None, **kwargs):
-        if self.gated_cross_attention is not None and media is not None:
+    def forward(self, hidden_states: torch.Tensor, *args, media_key_values=None, media_attention_mask=None, **kwargs):
+        if self.gated_cross_attention is not None and media_key_values is not None:
+            key, value = media_key_values[self.cross_attention_index]
             # Positional, so gradient checkpointing (re-entrant) propagates gradients to the media.
-            hidden_states = self.gated_cross_attention(hidden_states, media, media_attention_mask)
+            hidden_states = self.gated_cross_attention(hidden_states, key, value, media_attention_mask)
         return self.decoder_layer(hidden_states, *args, **kwargs)
 
 
@@ -419,8 +434,10 @@ class VisInContextModel(VisInContextPreTrainedModel):
                 f"cross_attention_every: {self.config.cross_attention_every} leaves no cross-attention layer in a "
                 f"{text_config.num_hidden_layers}-layer language model"
             )
+        positions = {layer: position for position, layer in enumerate(sorted(cross_attention_layers))}
         self.language_model.layers = nn.ModuleList(
-            VisInContextDecoderLayer(layer, GatedCrossAttentionBlock(self.config) if i in cross_attention_layers else None)
+            VisInContextDecoderLayer(layer, GatedCrossAttentionBlock(self.config), positions[i])
+            if i in positions else VisInContextDecoderLayer(layer, None, None)
             for i, layer in enumerate(layers)
         )
         old = self.language_model.get_input_embeddings()
@@ -599,6 +616,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
         image_latents_mask: torch.BoolTensor | None = None,
         media_latents: torch.FloatTensor | None = None,
         media_latents_mask: torch.BoolTensor | None = None,
+        media_key_values: tuple | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -609,7 +627,9 @@ class VisInContextModel(VisInContextPreTrainedModel):
         context_pixel_values (`(B, P, 3, H, W)`): rendered context pages; `context_mask` (`(B, P)`) marks real ones.
         image_latents_mask (`(B, N)`): False drops an image's latents (token masking), leaving the context.
         media_latents (`(B, C, K, D)`) / media_latents_mask (`(B, C, K)`): pre-encoded memory from an earlier
-            output (used by `generate`); when given, images and pages are not encoded again.
+            output; when given, images and pages are not encoded again.
+        media_key_values: the memory already projected by each cross-attention block (an earlier output's
+            `media_key_values`, with its `media_latents_mask`); `generate` passes it at every decoding step.
         past_chunk_ids (`(B,)`): chunk of the last cached token, so that new tokens continue its chunk.
         """
         self._validate(input_ids, inputs_embeds, pixel_values, image_mask, context_pixel_values, context_mask, image_latents_mask)
@@ -617,7 +637,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         chunk_ids = self._chunk_ids(input_ids, inputs_embeds, past_chunk_ids)
 
-        if media_latents is None and input_ids is not None and input_ids.device.type != "meta":
+        if media_latents is None and media_key_values is None and input_ids is not None and input_ids.device.type != "meta":
             # the prompt's <image> tokens must match its images (a data-dependent check: not on the meta device)
             num_image_tokens = (input_ids == self.config.image_token_id).sum(dim=1)
             if image_mask is not None:
@@ -638,7 +658,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
                 )
 
         context_latents = None
-        if media_latents is None and (pixel_values is not None or context_pixel_values is not None):
+        if media_latents is None and media_key_values is None and (pixel_values is not None or context_pixel_values is not None):
             image_latents, context_latents = self.encode_media(pixel_values, image_mask, context_pixel_values, context_mask)
             if pixel_values is not None and image_mask is None:
                 image_mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
@@ -647,9 +667,15 @@ class VisInContextModel(VisInContextPreTrainedModel):
             image_valid = image_mask if image_latents_mask is None else image_mask & image_latents_mask.bool()
             media_latents, media_latents_mask = self.fuse_media(image_latents, image_valid, context_latents, context_mask)
 
-        media, media_attention_mask = None, None
-        if media_latents is not None:
+        media_attention_mask = None
+        if media_key_values is None and media_latents is not None:
             media = media_latents.flatten(1, 2)  # (B, C * K, D)
+            media_key_values = tuple(
+                layer.gated_cross_attention.cross_attention.key_values(media)
+                for layer in self.language_model.layers
+                if layer.gated_cross_attention is not None
+            )
+        if media_key_values is not None:
             media_attention_mask = self.cross_attention_mask(chunk_ids, media_latents_mask)
 
         outputs = self.language_model(
@@ -658,7 +684,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
-            media=media,
+            media_key_values=media_key_values,
             media_attention_mask=media_attention_mask,
             **kwargs,
         )
@@ -669,6 +695,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
             attentions=outputs.attentions,
             media_latents=media_latents,
             media_latents_mask=None if media_latents_mask is None else media_latents_mask.long(),
+            media_key_values=media_key_values,
             chunk_ids=chunk_ids,
             context_latents=context_latents,
         )
@@ -752,6 +779,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         context_attention_mask: torch.Tensor | None = None,
         media_latents: torch.FloatTensor | None = None,
         media_latents_mask: torch.BoolTensor | None = None,
+        media_key_values: tuple | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -777,6 +805,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             image_latents_mask=image_latents_mask,
             media_latents=media_latents,
             media_latents_mask=media_latents_mask,
+            media_key_values=media_key_values,
             past_chunk_ids=past_chunk_ids,
             use_cache=use_cache,
             **kwargs,
@@ -807,6 +836,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             attentions=outputs.attentions,
             media_latents=outputs.media_latents,
             media_latents_mask=outputs.media_latents_mask,
+            media_key_values=outputs.media_key_values,
             chunk_ids=outputs.chunk_ids,
         )
 
@@ -819,7 +849,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
-        media_latents: torch.Tensor | None = None,
+        media_key_values: tuple | None = None,
         media_latents_mask: torch.Tensor | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
         context_pixel_values: torch.Tensor | None = None,
@@ -836,7 +866,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
-        if media_latents is None:  # prefill: encode the media
+        if media_key_values is None:  # prefill: encode the media
             model_inputs.update(
                 context_pixel_values=context_pixel_values,
                 context_mask=context_mask,
@@ -848,7 +878,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         model_inputs.pop("pixel_values", None)
         cached = past_key_values is not None and past_key_values.get_seq_length() > 0
         model_inputs.update(
-            media_latents=media_latents,
+            media_key_values=media_key_values,
             media_latents_mask=media_latents_mask,
             past_chunk_ids=past_chunk_ids if cached else None,
         )
@@ -860,8 +890,8 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
-        if outputs.media_latents is not None:
-            model_kwargs["media_latents"] = outputs.media_latents
+        if outputs.media_key_values is not None:  # the projected memory: later steps skip encoding and projecting
+            model_kwargs["media_key_values"] = outputs.media_key_values
             model_kwargs["media_latents_mask"] = outputs.media_latents_mask
         model_kwargs["past_chunk_ids"] = outputs.chunk_ids[:, -1]
         return model_kwargs
