@@ -205,7 +205,7 @@ def plot(result: dict, path: Path, preset: str) -> None:
     if preset == "paper":
         for side, color in (("raw", "#d62728"), ("rendered", "#1f77b4")):
             points = PAPER_FIGURE[side]
-            axes[0].plot(list(points), list(points.values()), "x:", color=color, alpha=0.6, label=f"{side} (paper, 56B MoE run)")
+            axes[0].plot(list(points), list(points.values()), "x:", color=color, alpha=0.6, label=f"{side} (paper figure)")
         axes[0].axhline(80, color="gray", linestyle=":", label="80 GB")
     for ax, label in ((axes[0], "training-step memory (GB)"), (axes[1], "training-step TFLOPs")):
         ax.set_xscale("log", base=2)

@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LogitsProcessor, LogitsProcessorList,
+)
 
 from visincontext import VisInContextForConditionalGeneration
 from visincontext.processing_visincontext import VisInContextProcessor
@@ -89,12 +91,27 @@ def context_of(tokenizer, num_tokens: int, seed: int) -> str:
     return tokenizer.decode(ids)
 
 
+class StepClock(LogitsProcessor):
+    """Records when each new token's logits are ready: the first is the time to first token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
 @torch.no_grad()
-def timed_generate(model, inputs: dict, new_tokens: int) -> float:
+def timed_generate(model, inputs: dict, new_tokens: int) -> tuple[float, float]:
+    """(time to first token, decode tokens/s over the following tokens) of one greedy `generate`."""
+    clock = StepClock()
     start = time.perf_counter()
     model.generate(**inputs, min_new_tokens=new_tokens, max_new_tokens=new_tokens, do_sample=False,
-                   pad_token_id=0, eos_token_id=None)
-    return time.perf_counter() - start
+                   pad_token_id=0, eos_token_id=None, logits_processor=LogitsProcessorList([clock]))
+    first = clock.times[0] - start
+    decode = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]) if len(clock.times) > 1 else float("nan")
+    return first, decode
 
 
 def measure(model, processor, lengths: list[int], decode_tokens: int, seed: int, repeats: int = 2) -> list[dict]:
@@ -107,9 +124,8 @@ def measure(model, processor, lengths: list[int], decode_tokens: int, seed: int,
                "rendered_prompt_tokens": int(rendered["input_ids"].shape[1]), "pages": int(rendered["context_mask"].sum())}
         for name, inputs in (("raw", raw), ("rendered", rendered)):
             timed_generate(model, inputs, 2)  # warm-up
-            first = min(timed_generate(model, inputs, 1) for _ in range(repeats))
-            full = min(timed_generate(model, inputs, decode_tokens + 1) for _ in range(repeats))
-            row[name] = {"time_to_first_token_s": first, "decode_tokens_per_s": decode_tokens / max(full - first, 1e-9)}
+            runs = [timed_generate(model, inputs, decode_tokens + 1) for _ in range(repeats)]
+            row[name] = {"time_to_first_token_s": min(r[0] for r in runs), "decode_tokens_per_s": max(r[1] for r in runs)}
         row["ttft_speedup"] = row["raw"]["time_to_first_token_s"] / row["rendered"]["time_to_first_token_s"]
         print(f"{length:>5} tokens ({row['pages']} pages): TTFT raw {row['raw']['time_to_first_token_s']:.3f}s "
               f"rendered {row['rendered']['time_to_first_token_s']:.3f}s ({row['ttft_speedup']:.2f}x); decode "

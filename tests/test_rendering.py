@@ -149,3 +149,18 @@ def test_bad_text_type(renderer):
     with pytest.raises(TypeError, match="texts"):
         renderer.render_batch("a string")
     assert [len(r) for r in renderer.render_batch(["a", LONG])] == [1, len(renderer.render(LONG))]
+
+
+def test_render_command_writes_the_pages(tmp_path):
+    from PIL import Image
+
+    from visincontext.render import main
+
+    paths = main([LONG[:1500], "-o", str(tmp_path / "page.png")])
+    expected = TextRenderer().render(LONG[:1500])
+    assert [p.name for p in paths] == ["page.png"] + [f"page-{k}.png" for k in range(2, len(expected) + 1)]
+    for path, page in zip(paths, expected.pages):
+        assert np.array_equal(np.asarray(Image.open(path)), page)
+    result = subprocess.run([sys.executable, "-m", "visincontext.render", "héllo", "-o", str(tmp_path / "one.png")],
+                            capture_output=True, text=True, check=True)
+    assert "1 pages" in result.stdout and (tmp_path / "one.png").exists()
