@@ -223,7 +223,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small", choices=["paper", "small", "tiny"])
     parser.add_argument("--device", default=None, help="meta (paper preset default), cpu (small default) or cuda")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="default 256 ... 8192; on a CPU up to 4096 (raw 8192 needs > 24 GB with CPU attention)")
     parser.add_argument("--extra-lengths", type=int, nargs="*", default=None,
                         help="longer lengths for the 80 GB search (default on meta: up to 131072)")
     parser.add_argument("--chars-per-token", type=float, default=4.0, help="characters per token of English BPE text")
@@ -232,6 +233,8 @@ def main() -> None:
     args = parser.parse_args()
 
     device = args.device or ("meta" if args.preset == "paper" else "cpu")
+    if args.lengths is None:
+        args.lengths = [256, 512, 1024, 2048, 4096] + ([] if device == "cpu" else [8192])
     extra = args.extra_lengths if args.extra_lengths is not None else ([16384, 32768, 65536, 131072] if device == "meta" else [])
     result = measure(args.preset, args.lengths + extra, device, args.seed, args.chars_per_token)
     result.update(
