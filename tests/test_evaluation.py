@@ -111,3 +111,19 @@ def test_bad_input_names_the_argument(tmp_path):
         select_demonstrations([Example(question="q", answers=["a"])], support, 4)
     with pytest.raises(ValueError, match="context_mode"):
         build_prompt(get_task("sst2"), support[:1], support[0], "pixels")
+
+
+def test_rices_picks_the_nearest_images(tmp_path):
+    from PIL import Image
+
+    model, processor = build_model_and_processor(ModelArguments(), DataArguments())
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    paths = []
+    for colour in colours:
+        Image.new("RGB", (64, 64), colour).save(tmp_path / f"{colour}.png")
+        paths.append(str(tmp_path / f"{colour}.png"))
+    support = [Example(question=f"q {c}", answers=[c], image=p, id=c) for c, p in zip(colours, paths)]
+    queries = [Example(question="which?", answers=["blue"], image=paths[2], id="query")]
+    (demos,) = select_demonstrations(queries, support, 3, selection="rices", model=model, processor=processor)
+    assert demos[-1].id == "blue"  # the identical image is the nearest, placed next to the query
+    assert len({d.id for d in demos}) == 3

@@ -196,3 +196,22 @@ def test_deepspeed_zero3_one_process(tmp_path):
     model, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert model.model.language_model.embed_tokens.weight.shape == (259, 64)
+
+
+def test_prerendered_pages_match_rendering_on_the_fly():
+    from datasets import load_dataset
+
+    from visincontext.data import prerender
+
+    processor = tiny_processor(max_pages=3)
+    rows = load_dataset("json", data_files=str(OBELICS), split="train").select(range(6))
+    ahead = prerender(rows, "interleaved", processor, num_proc=2, image_root=str(OBELICS.parent))
+    assert ahead.features["context_pages"].shape[1:] == (32, 32)
+    on_the_fly, _ = format_dataset(rows, "interleaved", image_root=str(OBELICS.parent))
+    stored, _ = format_dataset(ahead, "interleaved", image_root=str(OBELICS.parent))
+    collator = VisInContextCollator(processor, return_context_ids=True)
+    a = collator([on_the_fly[i] for i in range(6)])
+    b = collator([stored[i] for i in range(6)])
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

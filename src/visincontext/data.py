@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -157,6 +158,8 @@ def format_dataset(dataset, kind: str, skip_bad_rows: bool = False, **format_kwa
             counter.add(index, error)
             return None
         sample["row_index"] = index
+        if "context_pages" in row:  # rendered ahead of time by `prerender`
+            sample["context_pages"], sample["context_text"] = row["context_pages"], row["context_text"]
         return sample
 
     if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
@@ -256,10 +259,18 @@ class VisInContextCollator:
         text_kwargs = dict(padding=True, padding_side="right", return_offsets_mapping=True)
         if self.max_length is not None:
             text_kwargs.update(truncation=True, max_length=self.max_length)
+        prerendered = all("context_pages" in s for s in samples)
         batch = self.processor(
-            images=images, text=texts, context=[s.get("context") for s in samples], return_tensors="pt",
-            return_context_ids=self.return_context_ids, **text_kwargs,
+            images=images, text=texts, context=None if prerendered else [s.get("context") for s in samples],
+            return_tensors="pt", return_context_ids=self.return_context_ids and not prerendered, **text_kwargs,
         )
+        if prerendered:
+            pixels, mask = self.processor.pages_to_pixel_values([np.asarray(s["context_pages"], np.uint8) for s in samples])
+            batch["context_pixel_values"], batch["context_mask"] = pixels, mask
+            if self.return_context_ids:
+                tokens = self.processor.tokenizer([s["context_text"] for s in samples], padding=True, padding_side="right",
+                                                  return_tensors="pt", add_special_tokens=False)
+                batch["context_input_ids"], batch["context_attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
         offsets = batch.pop("offset_mapping")  # (B, T, 2): character span of each token
         prompt_lengths = torch.tensor([len(s["prompt"]) for s in samples])
         labels = batch["input_ids"].clone()
@@ -270,6 +281,30 @@ class VisInContextCollator:
         if batch["image_mask"].shape[1] and self.token_mask_prob > 0:
             batch["image_latents_mask"] = self.image_latents_mask(batch["image_mask"])
         return dict(batch)
+
+
+def prerender(dataset, kind: str, processor, num_proc: int | None = None, **format_kwargs):
+    """Renders every row's context ahead of time with `datasets.map(num_proc=...)`, adding `context_pages`
+    (`(P, H, W)` uint8) and `context_text` (the text the pages hold) columns; `format_dataset` and the collator
+    then use those pages instead of rendering on the fly. For data sets read many times (several epochs)."""
+    from datasets import Array3D, Features, Value
+
+    renderer = processor.renderer
+
+    def render(row):
+        context = format_row(row, kind, **format_kwargs)["context"]
+        if context is None:
+            return {"context_pages": np.zeros((0, renderer.page_height, renderer.page_width), np.uint8), "context_text": ""}
+        result = renderer.render(context, max_pages=processor.max_pages, overflow=processor.overflow)
+        text = result.text[result.spans[0][0] : result.spans[-1][1]] if len(result) else ""
+        return {"context_pages": result.pages, "context_text": text}
+
+    features = Features({
+        **dataset.features,
+        "context_pages": Array3D(shape=(None, renderer.page_height, renderer.page_width), dtype="uint8"),
+        "context_text": Value("string"),
+    })
+    return dataset.map(render, num_proc=num_proc, features=features, desc="rendering context")
 
 
 def split_for_this_process(dataset):

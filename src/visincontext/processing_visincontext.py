@@ -218,18 +218,21 @@ class VisInContextProcessor(ProcessorMixin):
         rendered = [
             None if c is None else self.renderer.render(c, max_pages=self.max_pages, overflow=self.overflow) for c in contexts
         ]
-        num_pages = max([len(r) for r in rendered if r is not None] + [0])
-        pages = np.full((len(contexts), num_pages, self.renderer.page_height, self.renderer.page_width), 255, np.uint8)
-        mask = np.zeros((len(contexts), num_pages), dtype=bool)
-        kept = []
-        for i, result in enumerate(rendered):
-            if result is None or len(result) == 0:
-                kept.append("")
-                continue
-            pages[i, : len(result)] = result.pages
-            mask[i, : len(result)] = True
-            kept.append(result.text[result.spans[0][0] : result.spans[-1][1]])
-        return self._normalize_pages(pages), torch.from_numpy(mask), kept
+        kept = [r.text[r.spans[0][0] : r.spans[-1][1]] if r is not None and len(r) else "" for r in rendered]
+        pixels, mask = self.pages_to_pixel_values([None if r is None else r.pages for r in rendered])
+        return pixels, mask, kept
+
+    def pages_to_pixel_values(self, pages: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rendered pages per sample (`(P, H, W)` uint8 arrays, or None) -> padded `(B, P, 3, H, W)` pixel values
+        and a `(B, P)` mask: for pages rendered ahead of time (`visincontext.data.prerender`)."""
+        counts = [0 if p is None else len(p) for p in pages]
+        batch = np.full((len(pages), max(counts + [0]), self.renderer.page_height, self.renderer.page_width), 255, np.uint8)
+        mask = np.zeros(batch.shape[:2], dtype=bool)
+        for i, (sample_pages, count) in enumerate(zip(pages, counts)):
+            if count:
+                batch[i, :count] = np.asarray(sample_pages, dtype=np.uint8)
+                mask[i, :count] = True
+        return self._normalize_pages(batch), torch.from_numpy(mask)
 
     def _normalize_pages(self, pages: np.ndarray) -> torch.Tensor:
         """uint8 (B, P, H, W) -> float (B, P, 3, H, W), rescaled and normalised as the image processor does."""

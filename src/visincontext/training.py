@@ -9,7 +9,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .data import ROW_KINDS, VisInContextCollator, format_dataset, split_for_this_process
+from .data import ROW_KINDS, VisInContextCollator, format_dataset, prerender, split_for_this_process
 from .modeling_visincontext import NEW_MODULES, VisInContextForConditionalGeneration
 from .processing_visincontext import VisInContextProcessor
 
@@ -46,6 +46,8 @@ class DataArguments:
     token_mask_prob: float = field(default=0.5, metadata={"help": "Probability of dropping image latents (token masking)."})
     contrastive: bool = field(default=True, metadata={"help": "Add the text-centric contrastive loss (needs context)."})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count malformed rows instead of stopping."})
+    prerender: bool = field(default=False, metadata={"help": "Render all contexts ahead of time with datasets.map (not streaming)."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for --prerender."})
 
 
 class VisInContextTrainer(Trainer):
@@ -170,7 +172,12 @@ def load_training_data(data_args: DataArguments, processor, seed: int):
     else:  # a Hub id
         dataset = load_dataset(source, data_args.dataset_config, split=data_args.split, streaming=data_args.streaming)
     if data_args.streaming:
+        if data_args.prerender:
+            raise ValueError("prerender: renders a whole data set ahead of time; not with --streaming (render on the fly)")
         dataset = split_for_this_process(dataset)
+    elif data_args.prerender:
+        dataset = prerender(dataset, data_args.data_format, processor, num_proc=data_args.preprocessing_num_workers,
+                            context_fraction=data_args.context_fraction, max_images=data_args.max_images, image_root=image_root)
     formatted, bad_rows = format_dataset(
         dataset, data_args.data_format, skip_bad_rows=data_args.skip_bad_rows, context_fraction=data_args.context_fraction,
         max_images=data_args.max_images, image_root=image_root,
