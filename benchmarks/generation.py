@@ -114,7 +114,7 @@ def timed_generate(model, inputs: dict, new_tokens: int) -> tuple[float, float]:
     return first, decode
 
 
-def measure(model, processor, lengths: list[int], decode_tokens: int, seed: int, repeats: int = 2) -> list[dict]:
+def measure(model, processor, lengths: list[int], decode_tokens: int, seed: int, repeats: int = 1) -> list[dict]:
     rows = []
     for length in lengths:
         context = context_of(processor.tokenizer, length, seed)
@@ -161,11 +161,12 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting (after one warm-up); the best is kept")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         model, processor = build(args.preset, Path(workdir))
-        rows = measure(model, processor, args.lengths, args.decode_tokens, args.seed)
+        rows = measure(model, processor, args.lengths, args.decode_tokens, args.seed, repeats=args.repeats)
     result = {
         "preset": args.preset, "seed": args.seed, "rows": rows, "threads": torch.get_num_threads(),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
