@@ -375,6 +375,9 @@ class VisInContextPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # The wrapped LM and vision tower follow `set_attn_implementation`; the resampler and cross-attention layers
+    # always run PyTorch SDPA (they need arbitrary boolean masks), which computes the same as eager attention.
+    _can_set_attn_implementation_cached_value = True
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -708,7 +711,6 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         "lm_head.weight": "model.language_model.embed_tokens.weight",
         "lm_head.media_head.weight": "model.language_model.embed_tokens.media_embedding.weight",
     }
-    _keys_to_ignore_on_load_unexpected = None
 
     def __init__(self, config: VisInContextConfig):
         super().__init__(config)
