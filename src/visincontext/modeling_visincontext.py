@@ -622,6 +622,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
         media_key_values: tuple | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> VisInContextModelOutputWithPast:
         r"""
@@ -689,6 +690,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
             use_cache=use_cache,
             media_key_values=media_key_values,
             media_attention_mask=media_attention_mask,
+            **({"output_attentions": output_attentions} if output_attentions is not None else {}),
             **kwargs,
         )
         return VisInContextModelOutputWithPast(
@@ -785,6 +787,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         past_chunk_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> VisInContextCausalLMOutputWithPast:
@@ -810,6 +813,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             media_key_values=media_key_values,
             past_chunk_ids=past_chunk_ids,
             use_cache=use_cache,
+            output_attentions=output_attentions,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
