@@ -348,3 +348,21 @@ def test_more_image_tokens_than_images_without_pixel_values():
     batch = sample_batch()
     with pytest.raises(ValueError, match="input_ids: more <image> tokens"):
         model(input_ids=batch["input_ids"])
+
+
+def test_resize_token_embeddings_keeps_media_rows():
+    model = open_gates(tiny_model(), 0.5)
+    batch = sample_batch()
+    with torch.no_grad():
+        before = model(**batch).logits
+    media_rows = model.get_input_embeddings().media_embedding.weight.clone()
+    model.resize_token_embeddings(VOCAB + 10)
+    assert model.config.text_config.vocab_size == VOCAB + 10
+    assert model.get_input_embeddings().weight.shape[0] == VOCAB + 10
+    assert torch.equal(model.get_input_embeddings().media_embedding.weight, media_rows)
+    with torch.no_grad():
+        after = model(**batch).logits
+    # the old vocabulary's logits are untouched; the 10 new rows come after it, the media tokens keep their columns
+    assert after.shape[-1] == VOCAB + 10
+    assert torch.allclose(after[..., :VOCAB], before[..., :VOCAB], atol=1e-6)
+    assert torch.equal(after[..., IMAGE_ID], before[..., IMAGE_ID]) and torch.equal(after[..., EOC_ID], before[..., EOC_ID])

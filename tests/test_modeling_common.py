@@ -55,7 +55,6 @@ class VisInContextModelTest(ModelTesterMixin, unittest.TestCase):
     additional_model_inputs = ["context_pixel_values"]
     all_generative_model_classes = ()  # the sdist ships no GenerationTesterMixin; generate has its own tests
     _is_composite = True
-    test_resize_embeddings = False  # media-token rows are separate parameters; resizing is not supported
     # CLIP's post_layernorm is not used (the resamplers read the last hidden state), so it gets no gradient
     test_all_params_have_gradient = False
 

@@ -387,6 +387,26 @@ class VisInContextPreTrainedModel(PreTrainedModel):
         # library's regular path applies and `from_pretrained` initialises exactly like `__init__`.
         return False
 
+    def _get_resized_embeddings(self, old_embeddings, *args, **kwargs):
+        """`resize_token_embeddings` resizes the LM's vocabulary; the media-token rows are kept as they are."""
+        resized = super()._get_resized_embeddings(old_embeddings, *args, **kwargs)
+        if not isinstance(old_embeddings, MediaTokenEmbedding):
+            return resized
+        embedding = MediaTokenEmbedding(resized.num_embeddings, resized.embedding_dim, old_embeddings.media_token_ids, resized.padding_idx)
+        embedding.weight, embedding.media_embedding = resized.weight, old_embeddings.media_embedding
+        embedding._is_hf_initialized = True  # its weights come from the old layer: `post_init` must not redraw them
+        return embedding
+
+    def _get_resized_lm_head(self, old_lm_head, *args, **kwargs):
+        resized = super()._get_resized_lm_head(old_lm_head, *args, **kwargs)
+        if not isinstance(old_lm_head, MediaTokenLMHead):
+            return resized
+        vocab_size, hidden_size = resized.weight.shape
+        head = MediaTokenLMHead(hidden_size, vocab_size, old_lm_head.media_token_ids, max(vocab_size, max(old_lm_head.media_token_ids) + 1))
+        head.weight, head.media_head = resized.weight, old_lm_head.media_head
+        head._is_hf_initialized = True
+        return head
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers writes the `auto_map` entry of the saved class only; remote code needs all of them
         self.config.auto_map = {
@@ -733,6 +753,9 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
 
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs):
         return self.model.get_image_features(pixel_values=pixel_values, **kwargs)
