@@ -92,13 +92,17 @@ def test_bash_blocks_run(workspace):
         lines += [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
     runnable = [line for line in lines if line.startswith("python ")]
     launches = [line for line in lines if line.startswith("accelerate launch")]
-    assert len(runnable) == 4 and len(launches) == 2  # the launches need GPUs (README says so)
+    assert len(runnable) == 5 and len(launches) == 2  # the launches need GPUs (README says so)
     for line in runnable:
         args = shlex.split(substitute(line, workspace))
         args[0] = sys.executable
         args = [str(ROOT / a) if a.startswith("examples/") else a for a in args]
         if "finetune.py" in line:
             args += ["--max_steps", "3"]
+        if "synthetic_recall.py" in line:  # a few steps, not the 2 x 30 minutes of the full experiment
+            args += ["--max_steps", "20", "--eval_every", "10", "--eval_size", "8", "--final_eval_size", "16",
+                     "--output_dir", str(workspace / "outputs" / "recall"), "--quiet"]
         run(args, workspace)
     assert (workspace / "outputs" / "eval" / "results.md").exists()
     assert (workspace / "outputs" / "qlora" / "adapter" / "adapter_config.json").exists()
+    assert (workspace / "outputs" / "recall" / "synthetic_recall_curves.png").exists()
