@@ -154,12 +154,13 @@ class Curriculum(TrainerCallback):
 class RecallTrainer(VisInContextTrainer):
     """Feeds each training batch's logits to the curriculum (whole-sequence accuracy, no extra forward)."""
 
-    curriculum: Curriculum | None = None
+    def __init__(self, *args, curriculum: Curriculum, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.curriculum = curriculum
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if self.curriculum is not None:
-            self.curriculum.record_batch(outputs.logits.detach(), inputs["labels"])
+        self.curriculum.record_batch(outputs.logits.detach(), inputs["labels"])
         return (loss, outputs) if return_outputs else loss
 
 
@@ -217,8 +218,8 @@ def train(args, blank: bool, max_steps: int) -> dict:
         use_cpu=True, seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=args.quiet,
     )
     trainer = RecallTrainer(model=model, args=training_args, train_dataset=stream,
-                            data_collator=VisInContextCollator(processor), processing_class=processor, callbacks=[curriculum])
-    trainer.curriculum = curriculum
+                            data_collator=VisInContextCollator(processor), processing_class=processor, callbacks=[curriculum],
+                            curriculum=curriculum)
     started = time.time()
     trainer.train()
     scratch_dir.cleanup()  # nothing is checkpointed: the results are the figures below
@@ -278,6 +279,10 @@ def main(argv=None):
     for name in ("minutes", "eval_every", "eval_size", "final_eval_size", "batch_size", "max_steps", "threads"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name}: expected a positive number, got {getattr(args, name)}")
+    if not 0 < args.promote_at <= 1:
+        parser.error(f"--promote_at: expected an accuracy in (0, 1], got {args.promote_at}")
+    if args.learning_rate <= 0:
+        parser.error(f"--learning_rate: expected a positive number, got {args.learning_rate}")
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,11 @@ def test_held_out_pairs_never_reach_training_and_are_what_evaluation_asks():
     assert blank["context"].strip() == "" and blank["text"].count("\n") == 4
 
 
-def test_bad_arguments_are_refused(tmp_path):
+@pytest.mark.parametrize("argument", [["--minutes", "0"], ["--promote_at", "1.5"], ["--learning_rate", "-1"]])
+def test_bad_arguments_are_refused(tmp_path, capsys, argument):
     with pytest.raises(SystemExit):
-        synthetic_recall.main(["--minutes", "0", "--output_dir", str(tmp_path)])
+        synthetic_recall.main([*argument, "--output_dir", str(tmp_path)])
+    assert argument[0] in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
