@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -12,29 +13,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import synthetic_recall  # noqa: E402
 
 
+def facts_on(page: str) -> list[str]:
+    return re.findall(r"[A-Z]=\d\d", page)
+
+
 def test_held_out_pairs_never_reach_training_and_are_what_evaluation_asks():
     rng = random.Random(0)
     for _ in range(300):
-        for stage in ("transcribe", "recall"):
-            sample = synthetic_recall.training_sample(rng, rng.randint(1, synthetic_recall.MAX_FACTS), stage, blank=False)
-            pairs = [line.split("=") for line in sample["context"].split("\n")]
-            assert not any(synthetic_recall.is_held_out(k, int(v)) for k, v in pairs)
-            # the LM writes out exactly the page's facts: in page order (transcription) or another order (recall)
-            written = sample["text"].strip("\n").split("\n")
-            assert sorted(written) == sorted(sample["context"].split("\n"))
-            if stage == "transcribe":
-                assert written == sample["context"].split("\n")
+        sample = synthetic_recall.training_sample(rng, rng.randint(1, synthetic_recall.MAX_FACTS), blank=False)
+        on_page = facts_on(sample["context"])
+        assert not any(synthetic_recall.is_held_out(fact[0], int(fact[2:])) for fact in on_page)
+        # the LM writes out exactly the page's facts, in another order
+        written = sample["text"].strip("\n").split("\n")
+        assert sorted(written) == sorted(on_page) and 1 <= len(written) <= synthetic_recall.MAX_FACTS
     for sample in synthetic_recall.evaluation_set(seed=1, size=200):
         key = sample["prompt"].rstrip("=")
-        lines = sample["context"].split("\n")
-        assert 4 <= sample["num_facts"] == len(lines) <= 8
-        assert f"{key}={sample['answer']}" in lines and synthetic_recall.is_held_out(key, int(sample["answer"]))
-        assert len({line.split("=")[0] for line in lines}) == len(lines)  # one value per key
-    blank = synthetic_recall.training_sample(random.Random(0), 4, "recall", blank=True)
+        on_page = facts_on(sample["context"])
+        assert 4 <= sample["num_facts"] == len(on_page) <= 8
+        assert f"{key}={sample['answer']}" in on_page and synthetic_recall.is_held_out(key, int(sample["answer"]))
+        assert len({fact[0] for fact in on_page}) == len(on_page)  # one value per key
+    blank = synthetic_recall.training_sample(random.Random(0), 4, blank=True)
     assert blank["context"].strip() == "" and blank["text"].count("\n") == 4
 
 
-@pytest.mark.parametrize("argument", [["--minutes", "0"], ["--promote_at", "1.5"], ["--learning_rate", "-1"]])
+def test_reading_targets_are_what_each_patch_shows():
+    """`patch_characters` spells out the page patch by patch, and exactly the patches with characters have ink."""
+    import numpy as np
+
+    processor = synthetic_recall.build_processor()
+    size, grid = synthetic_recall.PATCH_SIZE, synthetic_recall.GRID
+    for seed in range(5):
+        page = synthetic_recall.page_text(synthetic_recall.make_facts(random.Random(seed), 3 + seed, held_out_first=False))
+        characters = synthetic_recall.patch_characters(page)
+        assert characters.shape == (grid * grid, synthetic_recall.CHARS_PER_PATCH)
+        spelled = ["".join(synthetic_recall.PAGE_CHARS[i] for i in patch) for patch in characters.tolist()]
+        rows = ["".join(spelled[r * grid : (r + 1) * grid]).rstrip() for r in range(grid)]
+        assert "\n".join(rows).rstrip("\n") == page
+        pixels = np.asarray(processor.renderer.render(page).to_images()[0].convert("L"))
+        for p, text in enumerate(spelled):
+            block = pixels[p // grid * size : (p // grid + 1) * size, p % grid * size : (p % grid + 1) * size]
+            assert (block.min() < 128) == bool(text.strip()), (p, text)
+        assert sum(bool(t.strip()) for t in spelled) == 3 + seed  # one fact per patch
+
+
+@pytest.mark.parametrize("argument", [["--minutes", "0"], ["--reading_loss_weight", "-1"], ["--learning_rate", "-1"]])
 def test_bad_arguments_are_refused(tmp_path, capsys, argument):
     with pytest.raises(SystemExit):
         synthetic_recall.main([*argument, "--output_dir", str(tmp_path)])
@@ -44,16 +66,17 @@ def test_bad_arguments_are_refused(tmp_path, capsys, argument):
 
 @pytest.mark.slow
 def test_reads_rendered_pages_and_blank_pages_stay_at_chance(tmp_path):
-    """A reduced run (400 steps, under 3 minutes on 2 cores): with rendered pages the held-out exact match is
-    at least 3x chance; with blank pages and the same steps it stays within 5 points of chance."""
+    """A reduced run (400 steps each, under 3 minutes on 2 cores): with rendered pages the held-out exact match
+    is at least 3x chance (here above 50%: 92% when measured); with blank pages and the same steps it stays
+    within 5 points of chance."""
     results = synthetic_recall.main([
-        "--max_steps", "400", "--minutes", "1000", "--eval_every", "200", "--eval_size", "32",
-        "--final_eval_size", "300", "--output_dir", str(tmp_path), "--quiet",
+        "--max_steps", "400", "--minutes", "1000", "--eval_every", "200", "--eval_size", "16",
+        "--final_eval_size", "200", "--output_dir", str(tmp_path), "--quiet",
     ])
     chance = results["chance"]
     real, blank = results["runs"]["rendered pages"], results["runs"]["blank pages (control)"]
     assert real["steps"] == blank["steps"] == 400
-    assert real["held_out_exact_match"] >= 3 * chance, real["held_out_exact_match"]
+    assert real["held_out_exact_match"] >= max(3 * chance, 0.5), real["held_out_exact_match"]
     assert abs(blank["held_out_exact_match"] - chance) <= 0.05, blank["held_out_exact_match"]
     saved = json.loads((tmp_path / "synthetic_recall.json").read_text())
     assert saved["runs"]["rendered pages"]["held_out_exact_match"] == real["held_out_exact_match"]
