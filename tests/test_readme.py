@@ -1,8 +1,10 @@
-"""Every runnable code block of the README runs (issue: quickstart + docs).
+"""Every code block of the README runs (issue: quickstart + docs).
 
 Python blocks run with the big checkpoints they name replaced by tiny local ones of the same kinds (a
 CLIP vision tower and a Llama LM saved here, a prepared VisInContext folder for "your-name/..."). Bash blocks
-run line by line, except `pip install` lines and launches that need GPUs or several machines (README says so).
+run line by line: the install lines in a fresh virtual environment with this checkout in place of the PyPI
+name (the `[flash]` line needs CUDA and says so); the GPU launches on this CPU with 2 processes, tiny
+backbones and the sample data, the two-node launch as two local "nodes".
 """
 
 import os
@@ -54,11 +56,22 @@ def substitute(code: str, root: Path) -> str:
                 .replace("your-name/visincontext-model\", trust", f"{root / 'hub-model'}\", trust"))
 
 
+def environment():
+    return dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
+
+
 def run(command, root, timeout=900):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT / "src"))
-    result = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env, timeout=timeout)
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, env=environment(), timeout=timeout)
+    if result.returncode:
+        print(result.stderr)  # all of it, in the failing test's captured output
     assert result.returncode == 0, (command, result.stderr[-3000:])
     return result.stdout
+
+
+def command_lines(body: str) -> list[str]:
+    """The commands of a bash block: continuation lines joined, comments dropped."""
+    lines = [line.split("  #")[0].strip() for line in body.replace("\\\n", " ").splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def test_the_readme_opens_with_the_two_commands():
@@ -86,13 +99,10 @@ def test_python_blocks_run(workspace):
 
 @pytest.mark.slow
 def test_bash_blocks_run(workspace):
-    lines = []
-    for body in blocks("bash")[2:]:  # after the two set-up commands and the install block
-        joined = body.replace("\\\n", " ")
-        lines += [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+    lines = [line for body in blocks("bash")[2:] for line in command_lines(body)]  # after set-up and install
     runnable = [line for line in lines if line.startswith("python ")]
     launches = [line for line in lines if line.startswith("accelerate launch")]
-    assert len(runnable) == 5 and len(launches) == 2  # the launches need GPUs (README says so)
+    assert len(runnable) == 5 and len(launches) == 2  # the launches: test_accelerate_launch_lines_run
     for line in runnable:
         args = shlex.split(substitute(line, workspace))
         args[0] = sys.executable
@@ -106,3 +116,77 @@ def test_bash_blocks_run(workspace):
     assert (workspace / "outputs" / "eval" / "results.md").exists()
     assert (workspace / "outputs" / "qlora" / "adapter" / "adapter_config.json").exists()
     assert (workspace / "outputs" / "recall" / "synthetic_recall_curves.png").exists()
+
+
+@pytest.mark.slow
+def test_install_lines_install_the_package_and_its_extras(tmp_path):
+    """The install block, with this checkout in place of the PyPI name, in a fresh virtual environment that
+    sees this machine's packages (so only visincontext itself is built and installed)."""
+    lines = command_lines(blocks("bash")[1])
+    assert [line.split()[:2] for line in lines] == [["pip", "install"]] * 4
+    flash = [line for line in lines if "[flash]" in line]
+    assert len(flash) == 1 and "CUDA only" in blocks("bash")[1]  # flash-attn builds against CUDA: not run here
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.pop("PYTHONPATH", None)
+    for line in lines:
+        if line in flash:
+            continue
+        args = [a.replace("visincontext", str(ROOT), 1) if a.startswith("visincontext") else a for a in shlex.split(line)]
+        assert args[2].startswith(str(ROOT)), line
+        result = subprocess.run([str(python), "-m", *args], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+        assert result.returncode == 0, (line, result.stderr[-3000:])
+        assert "does not provide the extra" not in result.stdout + result.stderr, line
+    check = ("import importlib.metadata as m, visincontext, bitsandbytes, deepspeed; print(visincontext.__file__); "
+             "print(sorted(r for r in m.requires('visincontext') if 'extra ==' in r))")
+    result = subprocess.run([str(python), "-c", check], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    location, extras = result.stdout.strip().splitlines()
+    assert location.startswith(str(venv)), location  # the copy just installed, not this checkout
+    for requirement in ('bitsandbytes>=0.48; extra == "quant"', 'deepspeed>=0.17; extra == "deepspeed"',
+                        'flash-attn>=2.6; extra == "flash"'):
+        assert requirement in extras, extras
+
+
+def launch_arguments(line: str, root: Path, output_dir: Path) -> list[str]:
+    """A README `accelerate launch` line made to run here: tiny backbones (2 LM layers, so cross-attention at
+    every layer), the sample data, 2 steps, CPU."""
+    line = (substitute(line, root).replace("HuggingFaceM4/OBELICS", str(ROOT / "examples" / "data" / "obelics_sample.jsonl"))
+            .replace("--max_steps 100000", "--max_steps 2").replace("--output_dir outputs/pretrain", f"--output_dir {output_dir}"))
+    args = shlex.split(line)
+    assert args[:2] == ["accelerate", "launch"], line
+    args = [sys.executable, "-m", "accelerate.commands.launch", *args[2:], "--use_cpu", "--cross_attention_every", "1"]
+    return [str(ROOT / a) if a.startswith("examples/") else a for a in args]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_lines_run(workspace, tmp_path):
+    """The DeepSpeed launches of the Training block: one node with 2 processes instead of 8 GPUs, and the
+    two-node line as two local nodes of one process each (ranks 0 and 1 on 127.0.0.1)."""
+    launches = [line for body in blocks("bash")[2:] for line in command_lines(body) if line.startswith("accelerate launch")]
+    single, multi_node = launches
+    args = launch_arguments(single, workspace, tmp_path / "single")
+    args.insert(3, "--num_processes=2")  # the config's 8 GPUs -> 2 CPU processes
+    output = run(args, ROOT)  # from the clone's root, like the README (the configs name their JSON by relative path)
+    assert "DeepSpeed: DeepSpeedEngine, ZeRO stage 2, 2 processes" in output, output[-2000:]
+
+    script_arguments = single.split("examples/pretrain.py", 1)[1]
+    assert multi_node.endswith("examples/pretrain.py ...") and "--deepspeed_multinode_launcher standard" in multi_node
+    multi_node = multi_node.replace("...", script_arguments).replace("--num_processes 16", "--num_processes 2")
+    multi_node = multi_node.replace("--main_process_ip 10.0.0.1", "--main_process_ip 127.0.0.1")
+    nodes = []
+    for rank in (0, 1):
+        node = launch_arguments(multi_node.replace("--machine_rank 0", f"--machine_rank {rank}"), workspace, tmp_path / "nodes")
+        nodes.append(subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=environment()))
+    outputs = [node.communicate(timeout=900) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stderr[-3000:]
+    assert "DeepSpeed: DeepSpeedEngine, ZeRO stage 2, 2 processes" in outputs[0][0], outputs[0][0][-2000:]
+    from transformers import AutoModelForImageTextToText
+
+    for folder in ("single", "nodes"):
+        reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / folder)
+        assert type(reloaded).__name__ == "VisInContextForConditionalGeneration"

@@ -218,6 +218,8 @@ def main(defaults: dict | None = None, args: list[str] | None = None) -> dict:
         parser.set_defaults(**defaults)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
     training_args.remove_unused_columns = False
+    if data_args.streaming:  # every process streams its own rows (split_for_this_process): no dispatch from rank 0
+        training_args.accelerator_config.dispatch_batches = False
     model, processor = build_model_and_processor(model_args, data_args)
     train_dataset, collator, bad_rows = load_training_data(data_args, processor, training_args.seed)
     trainer = VisInContextTrainer(
