@@ -143,7 +143,8 @@ class HeldOutEvaluation(TrainerCallback):
     """Evaluates held-out exact match every `eval_every` steps, records the curves and stops at the time budget."""
 
     def __init__(self, model, processor, eval_samples: list[dict], blank: bool, args):
-        self.model, self.processor, self.eval_samples, self.blank, self.args = model, processor, eval_samples, blank, args
+        self.model, self.processor, self.eval_samples = model, processor, eval_samples
+        self.blank, self.args = blank, args
         self.digit_accuracy: list[float] = []
         self.reading_accuracy: list[float] = []
         self.curve: list[dict] = []
@@ -184,11 +185,15 @@ class RecallTrainer(VisInContextTrainer):
         latents = []  # the context resampler's output, caught on the way: (pages, num_latents, D), one page each
         hook = model.model.context_resampler.register_forward_hook(lambda module, args, output: latents.append(output))
         try:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         finally:
             hook.remove()
         if latents[0].shape[0] != targets.shape[0]:
-            raise ValueError(f"context: expected one page per sample, got {latents[0].shape[0]} pages for {targets.shape[0]} samples")
+            raise ValueError(
+                f"context: expected one page per sample, got {latents[0].shape[0]} pages for {targets.shape[0]} samples"
+            )
         logits = model.reading_head(latents[0][:, : targets.shape[1]]).unflatten(-1, (CHARS_PER_PATCH, len(PAGE_CHARS)))
         reading_loss = F.cross_entropy(logits.flatten(0, 2), targets.flatten())
         loss = loss + self.reading_loss_weight * reading_loss
@@ -221,12 +226,13 @@ def build_model(seed: int) -> VisInContextForConditionalGeneration:
     model = VisInContextForConditionalGeneration(config)
     with torch.no_grad():
         model.model.context_resampler.latents.normal_(0.0, 0.1)
-        new_parts = [model.model.context_resampler] + [layer.gated_cross_attention for layer in model.model.language_model.layers]
+        layers = model.model.language_model.layers
+        new_parts = [model.model.context_resampler] + [layer.gated_cross_attention for layer in layers]
         for part in new_parts:
             for module in part.modules():
                 if isinstance(module, torch.nn.Linear):
                     module.weight.normal_(0.0, 0.1)
-        for layer in model.model.language_model.layers:
+        for layer in layers:
             layer.gated_cross_attention.attn_gate.fill_(1.0)
             layer.gated_cross_attention.ff_gate.fill_(1.0)
     model.reading_head = torch.nn.Linear(vision.hidden_size, CHARS_PER_PATCH * len(PAGE_CHARS))
@@ -254,7 +260,8 @@ def train(args, blank: bool, max_steps: int) -> dict:
         use_cpu=True, seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=args.quiet,
     )
     trainer = RecallTrainer(model=model, args=training_args, train_dataset=FactStream(args.seed, blank),
-                            data_collator=ReadingCollator(processor), processing_class=processor, callbacks=[evaluation],
+                            data_collator=ReadingCollator(processor), processing_class=processor,
+                            callbacks=[evaluation],
                             evaluation=evaluation, reading_loss_weight=args.reading_loss_weight)
     started = time.time()
     trainer.train()
@@ -297,7 +304,8 @@ def save_figures(results: dict, output_dir: Path, processor) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=5.0, help="Training time budget of the rendered-page run.")
-    parser.add_argument("--max_steps", type=int, default=100_000, help="Step cap (the time budget usually stops first).")
+    parser.add_argument("--max_steps", type=int, default=100_000,
+                        help="Step cap (the time budget usually stops first).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
@@ -310,7 +318,9 @@ def main(argv=None):
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     args = parser.parse_args(argv)
-    for name in ("minutes", "eval_every", "eval_size", "final_eval_size", "batch_size", "max_steps", "threads", "learning_rate"):
+    positive = ("minutes", "eval_every", "eval_size", "final_eval_size", "batch_size", "max_steps", "threads",
+                "learning_rate")
+    for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name}: expected a positive number, got {getattr(args, name)}")
     if args.reading_loss_weight < 0:
@@ -324,7 +334,8 @@ def main(argv=None):
         control_args = argparse.Namespace(**{**vars(args), "minutes": float("inf")})
         runs["blank pages (control)"] = train(control_args, blank=True, max_steps=runs["rendered pages"]["steps"])
     results = {
-        "task": "generate the two-digit value of a held-out (key, value) pair asked about, from a rendered page of 4-8 facts",
+        "task": "generate the two-digit value of a held-out (key, value) pair asked about, "
+                "from a rendered page of 4-8 facts",
         "seed": args.seed, "chance": 1 / NUM_VALUES, "arguments": vars(args),
         "runs": {name: {k: v for k, v in run.items() if k not in ("model", "processor")} for name, run in runs.items()},
     }

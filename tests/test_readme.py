@@ -57,7 +57,8 @@ def substitute(code: str, root: Path) -> str:
 
 
 def environment():
-    return dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
+    return dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT / "src"),
+                PYTHONUNBUFFERED="1")
 
 
 def run(command, root, timeout=900):
@@ -134,14 +135,17 @@ def test_install_lines_install_the_package_and_its_extras(tmp_path):
     for line in lines:
         if line in flash:
             continue
-        args = [a.replace("visincontext", str(ROOT), 1) if a.startswith("visincontext") else a for a in shlex.split(line)]
+        args = [str(ROOT) + a.removeprefix("visincontext") if a.startswith("visincontext") else a
+                for a in shlex.split(line)]
         assert args[2].startswith(str(ROOT)), line
-        result = subprocess.run([str(python), "-m", *args], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+        result = subprocess.run([str(python), "-m", *args], cwd=tmp_path, capture_output=True, text=True, env=env,
+                                timeout=900)
         assert result.returncode == 0, (line, result.stderr[-3000:])
         assert "does not provide the extra" not in result.stdout + result.stderr, line
     check = ("import importlib.metadata as m, visincontext, bitsandbytes, deepspeed; print(visincontext.__file__); "
              "print(sorted(r for r in m.requires('visincontext') if 'extra ==' in r))")
-    result = subprocess.run([str(python), "-c", check], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([str(python), "-c", check], cwd=tmp_path, capture_output=True, text=True, env=env,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     location, extras = result.stdout.strip().splitlines()
     assert location.startswith(str(venv)), location  # the copy just installed, not this checkout
@@ -153,8 +157,10 @@ def test_install_lines_install_the_package_and_its_extras(tmp_path):
 def launch_arguments(line: str, root: Path, output_dir: Path) -> list[str]:
     """A README `accelerate launch` line made to run here: tiny backbones (2 LM layers, so cross-attention at
     every layer), the sample data, 2 steps, CPU."""
-    line = (substitute(line, root).replace("HuggingFaceM4/OBELICS", str(ROOT / "examples" / "data" / "obelics_sample.jsonl"))
-            .replace("--max_steps 100000", "--max_steps 2").replace("--output_dir outputs/pretrain", f"--output_dir {output_dir}"))
+    sample_data = ROOT / "examples" / "data" / "obelics_sample.jsonl"
+    line = (substitute(line, root).replace("HuggingFaceM4/OBELICS", str(sample_data))
+            .replace("--max_steps 100000", "--max_steps 2")
+            .replace("--output_dir outputs/pretrain", f"--output_dir {output_dir}"))
     args = shlex.split(line)
     assert args[:2] == ["accelerate", "launch"], line
     args = [sys.executable, "-m", "accelerate.commands.launch", *args[2:], "--use_cpu", "--cross_attention_every", "1"]
@@ -165,7 +171,8 @@ def launch_arguments(line: str, root: Path, output_dir: Path) -> list[str]:
 def test_accelerate_launch_lines_run(workspace, tmp_path):
     """The DeepSpeed launches of the Training block: one node with 2 processes instead of 8 GPUs, and the
     two-node line as two local nodes of one process each (ranks 0 and 1 on 127.0.0.1)."""
-    launches = [line for body in blocks("bash")[2:] for line in command_lines(body) if line.startswith("accelerate launch")]
+    lines = [line for body in blocks("bash")[2:] for line in command_lines(body)]
+    launches = [line for line in lines if line.startswith("accelerate launch")]
     single, multi_node = launches
     args = launch_arguments(single, workspace, tmp_path / "single")
     args.insert(3, "--num_processes=2")  # the config's 8 GPUs -> 2 CPU processes
@@ -178,7 +185,8 @@ def test_accelerate_launch_lines_run(workspace, tmp_path):
     multi_node = multi_node.replace("--main_process_ip 10.0.0.1", "--main_process_ip 127.0.0.1")
     nodes = []
     for rank in (0, 1):
-        node = launch_arguments(multi_node.replace("--machine_rank 0", f"--machine_rank {rank}"), workspace, tmp_path / "nodes")
+        this_node = multi_node.replace("--machine_rank 0", f"--machine_rank {rank}")
+        node = launch_arguments(this_node, workspace, tmp_path / "nodes")
         nodes.append(subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env=environment()))
     outputs = [node.communicate(timeout=900) for node in nodes]

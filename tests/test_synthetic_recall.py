@@ -43,7 +43,8 @@ def test_reading_targets_are_what_each_patch_shows():
     processor = synthetic_recall.build_processor()
     size, grid = synthetic_recall.PATCH_SIZE, synthetic_recall.GRID
     for seed in range(5):
-        page = synthetic_recall.page_text(synthetic_recall.make_facts(random.Random(seed), 3 + seed, held_out_first=False))
+        facts = synthetic_recall.make_facts(random.Random(seed), 3 + seed, held_out_first=False)
+        page = synthetic_recall.page_text(facts)
         characters = synthetic_recall.patch_characters(page)
         assert characters.shape == (grid * grid, synthetic_recall.CHARS_PER_PATCH)
         spelled = ["".join(synthetic_recall.PAGE_CHARS[i] for i in patch) for patch in characters.tolist()]
