@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -122,14 +123,19 @@ def test_bash_blocks_run(workspace):
 @pytest.mark.slow
 def test_install_lines_install_the_package_and_its_extras(tmp_path):
     """The install block, with this checkout in place of the PyPI name, in a fresh virtual environment that
-    sees this machine's packages (so only visincontext itself is built and installed)."""
+    sees this environment's packages through a .pth file (so only visincontext itself is built and installed,
+    and nothing is downloaded but the build backend)."""
     lines = command_lines(blocks("bash")[1])
     assert [line.split()[:2] for line in lines] == [["pip", "install"]] * 4
     flash = [line for line in lines if "[flash]" in line]
     assert len(flash) == 1 and "CUDA only" in blocks("bash")[1]  # flash-attn builds against CUDA: not run here
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site_packages = subprocess.run([str(python), "-c", where], capture_output=True, text=True, check=True).stdout.strip()
+    ours = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    Path(site_packages, "this_environment.pth").write_text("\n".join(ours) + "\n")  # after the venv's own packages
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     env.pop("PYTHONPATH", None)
     for line in lines:
