@@ -10,6 +10,7 @@ backbones and the sample data, the two-node launch as two local "nodes".
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, CLIPVisionModel
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CLIPVisionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -188,7 +189,12 @@ def test_accelerate_launch_lines_run(workspace, tmp_path):
     script_arguments = single.split("examples/pretrain.py", 1)[1]
     assert multi_node.endswith("examples/pretrain.py ...") and "--deepspeed_multinode_launcher standard" in multi_node
     multi_node = multi_node.replace("...", script_arguments).replace("--num_processes 16", "--num_processes 2")
-    multi_node = multi_node.replace("--main_process_ip 10.0.0.1", "--main_process_ip 127.0.0.1")
+    with socket.socket() as probe:  # a free port rather than 29500, which another job may hold
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    multi_node = multi_node.replace("--main_process_ip 10.0.0.1 --main_process_port 29500",
+                                    f"--main_process_ip 127.0.0.1 --main_process_port {port}")
+    assert f"--main_process_port {port}" in multi_node, multi_node
     nodes = []
     for rank in (0, 1):
         this_node = multi_node.replace("--machine_rank 0", f"--machine_rank {rank}")
@@ -199,8 +205,6 @@ def test_accelerate_launch_lines_run(workspace, tmp_path):
     for node, (stdout, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stderr[-3000:]
     assert "DeepSpeed: DeepSpeedEngine, ZeRO stage 2, 2 processes" in outputs[0][0], outputs[0][0][-2000:]
-    from transformers import AutoModelForImageTextToText
-
     for folder in ("single", "nodes"):
         reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / folder)
         assert type(reloaded).__name__ == "VisInContextForConditionalGeneration"
