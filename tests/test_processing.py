@@ -54,6 +54,7 @@ def test_batch_padding_and_masks(processor):
     assert torch.allclose(batch["context_pixel_values"][1, -1, 0], (page - mean) / std, atol=1e-6)
 
 
+@pytest.mark.invariant
 def test_model_runs_forward_and_generate_on_processor_output(processor):
     model = open_gates(tiny_model(), 0.5)
     batch = processor(
@@ -73,6 +74,28 @@ def test_model_runs_forward_and_generate_on_processor_output(processor):
     assert torch.equal(single[0, -4:], generated[0, -4:])
 
 
+@pytest.mark.invariant
+def test_batched_generation_equals_one_by_one(processor):
+    """Three prompts of different lengths, with 0, 1 and 2 images and no, short and long context: each row of the
+    left-padded batch generates exactly the tokens (and scores) the sample generates alone."""
+    model = open_gates(tiny_model(), 0.7)
+    samples = [
+        dict(images=[], text="Question: no image here? Answer:", context=None),
+        dict(images=images(1, seed=2), text="<image>one?", context="A short context."),
+        dict(images=images(2, seed=3), text="<image>first<|endofchunk|><image>second, longer prompt:", context=CONTEXT),
+    ]
+    kwargs = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    batch = processor(images=[s["images"] for s in samples], text=[s["text"] for s in samples],
+                      context=[s["context"] for s in samples], return_tensors="pt")
+    together = model.generate(**batch, **kwargs)
+    for row, sample in enumerate(samples):
+        alone = processor(images=sample["images"] or None, text=sample["text"], context=sample["context"], return_tensors="pt")
+        single = model.generate(**alone, **kwargs)
+        assert torch.equal(single.sequences[0, -5:], together.sequences[row, -5:]), row
+        for step in range(5):
+            assert torch.allclose(single.scores[step][0], together.scores[step][row], atol=1e-4), (row, step)
+
+
 def test_context_ids_follow_the_kept_text(processor):
     batch = processor(text=["x", "y"], context=["short context", CONTEXT], return_tensors="pt", return_context_ids=True)
     kept = processor.renderer.render(CONTEXT, max_pages=5)
@@ -81,6 +104,7 @@ def test_context_ids_follow_the_kept_text(processor):
     assert processor.decode(ids) == kept_text and kept.truncated
 
 
+@pytest.mark.invariant
 def test_save_and_reload_in_fresh_process_renders_identically(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))

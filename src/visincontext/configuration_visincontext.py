@@ -66,7 +66,7 @@ class VisInContextConfig(PreTrainedConfig):
 
     model_type = "visincontext"
     # large per-batch tensors that Trainer's evaluation loop should not gather
-    keys_to_ignore_at_inference = ["past_key_values", "media_latents", "media_latents_mask", "media_key_values", "chunk_ids"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache", "media_latents", "media_latents_mask", "media_key_values", "chunk_ids"]
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(
             config_class=AutoConfig,

@@ -12,8 +12,9 @@ image or page, C = N + 1 chunks (chunk 0 holds the tokens before the first `<ima
 slots per chunk, D vision hidden size, H language-model hidden size.
 """
 
+import inspect
 import math
-import types
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +25,33 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Generat
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+    ModelOutput,
+)
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, VisInContextConfig
 
 logger = logging.get_logger(__name__)
+
+
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache` in every output and `forward`. The model
+# accepts it under both names and returns it under the name the installed version's outputs declare.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache, given as `cache` (transformers >= 5.24) or `past_key_values` (earlier releases)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("cache: pass the KV cache as `cache` or as `past_key_values`, not both")
+    if past_key_values is not None and CACHE_NAME == "cache":  # the installed transformers' own deprecation
+        warnings.warn("`past_key_values` is deprecated since transformers 5.24: pass the KV cache as `cache`", FutureWarning)
+    return cache if cache is not None else past_key_values
 
 
 @dataclass
@@ -57,25 +78,22 @@ class VisInContextModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class VisInContextCausalLMOutputWithPast(ModelOutput):
+class VisInContextCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor` of shape `()`):
         `lm_loss + contrastive_loss_weight * contrastive_loss` (the terms that were computed).
+    logits (`torch.FloatTensor` of shape `(B, T, vocab)`):
+        Prediction scores, `vocab = config.output_vocab_size`.
     lm_loss (`torch.FloatTensor` of shape `()`):
         Next-token cross-entropy over the labels that are not -100.
     contrastive_loss (`torch.FloatTensor` of shape `()`):
         Text-centric contrastive loss between rendered-context latents and the same text read by the LM.
-    logits (`torch.FloatTensor` of shape `(B, T, vocab)`):
-        Prediction scores, `vocab = config.output_vocab_size`.
+    media_latents, media_latents_mask, media_key_values, chunk_ids:
+        As in `VisInContextModelOutputWithPast`.
     """
 
-    loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     contrastive_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     media_latents: torch.FloatTensor | None = None
     media_latents_mask: torch.BoolTensor | None = None
     media_key_values: tuple | None = None
@@ -155,11 +173,44 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """query (B, h, T, dh), key/value (B, h, S, dh), attention_mask (B, 1, T, S) bool, True where a query may read
+    a key -> output (B, T, h, dh) and weights (B, h, T, S), like transformers' attention interface."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+    weights = F.dropout(weights.softmax(dim=-1, dtype=torch.float32).to(query.dtype), p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask=None) -> torch.Tensor:
+    """Attention through transformers' `AttentionInterface`, following `config._attn_implementation`.
+
+    The masks here are arbitrary booleans (chunks, padded slots); kernels that take only padding masks
+    (FlashAttention, flex attention) cannot express them, so with those the resampler and cross-attention run SDPA.
+    Returns (B, T, h * dh).
+    """
+    implementation = "eager" if module.config._attn_implementation == "eager" else "sdpa"
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    output, _ = interface(module, query, key, value, mask, scaling=query.shape[-1] ** -0.5, dropout=0.0, is_causal=False)
+    return output.flatten(2)
+
+
 class PerceiverAttention(nn.Module):
     """Latents attend to the media features and to themselves (Flamingo's resampler attention)."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int):
+    def __init__(self, config: VisInContextConfig, dim: int, num_heads: int, head_dim: int):
         super().__init__()
+        self.config = config
         self.num_heads = num_heads
         self.norm_media = nn.LayerNorm(dim)
         self.norm_latents = nn.LayerNorm(dim)
@@ -173,7 +224,7 @@ class PerceiverAttention(nn.Module):
         query = _split_heads(self.to_q(latents), self.num_heads)  # (M, h, L, dh)
         key, value = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
         key, value = _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)  # (M, h, n + L, dh)
-        return self.to_out(_merge_heads(F.scaled_dot_product_attention(query, key, value)))
+        return self.to_out(attend(self, query, key, value))
 
 
 class PerceiverResampler(nn.Module):
@@ -186,7 +237,7 @@ class PerceiverResampler(nn.Module):
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
-                    PerceiverAttention(dim, config.resampler_num_heads, config.resampler_head_dim),
+                    PerceiverAttention(config, dim, config.resampler_num_heads, config.resampler_head_dim),
                     FeedForward(dim, config.resampler_ff_mult),
                 ]
             )
@@ -213,6 +264,7 @@ class MaskedCrossAttention(nn.Module):
         super().__init__()
         hidden_size, media_dim = config.text_config.hidden_size, config.vision_config.hidden_size
         inner = config.cross_attention_num_heads * config.cross_attention_head_dim
+        self.config = config
         self.num_heads = config.cross_attention_num_heads
         self.norm = nn.LayerNorm(hidden_size)
         self.to_q = nn.Linear(hidden_size, inner, bias=False)
@@ -236,7 +288,7 @@ class MaskedCrossAttention(nn.Module):
         reads_media = media_attention_mask.any(dim=-1, keepdim=True)  # (B, T, 1)
         # A row with no allowed slot would be all -inf (NaN after softmax): let it attend anywhere, then zero it.
         mask = (media_attention_mask | ~reads_media).unsqueeze(1)  # (B, 1, T, S)
-        attended = _merge_heads(F.scaled_dot_product_attention(query, key, value, attn_mask=mask))
+        attended = attend(self, query, key, value, mask)
         return self.to_out(attended * reads_media.to(attended.dtype))
 
 
@@ -347,15 +399,6 @@ def _init_new_parts(module: nn.Module, std: float) -> None:
         init.constant_(module.logit_scale, math.log(1.0 / module.temperature_init))
 
 
-def _init_language_model_weights(language_model: PreTrainedModel, module: nn.Module) -> None:
-    """The wrapped LM's `_init_weights`, extended to the parts VisInContext places inside it.
-
-    transformers initialises the modules of a sub-model with that sub-model's own `_init_weights`.
-    """
-    type(language_model)._init_weights(language_model, module)
-    _init_new_parts(module, std=getattr(language_model.config, "initializer_range", 0.02))
-
-
 # Names of the trainable parts VisInContext places inside the language model (also PEFT `modules_to_save`).
 NEW_PARTS_INSIDE_LANGUAGE_MODEL = (".gated_cross_attention.", ".media_embedding.", ".media_head.")
 NEW_MODULES = ("image_resampler", "context_resampler", "gated_cross_attention", "media_embedding", "media_head", "contrastive_head")
@@ -369,43 +412,23 @@ class VisInContextPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["VisInContextDecoderLayer", "PerceiverResampler", "CLIPEncoderLayer", "SiglipEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
-    # The wrapped LM and vision tower follow `set_attn_implementation`; the resampler and cross-attention layers
-    # always run PyTorch SDPA (they need arbitrary boolean masks), which computes the same as eager attention.
-    _can_set_attn_implementation_cached_value = True
-
-    @classmethod
-    def is_custom_code(cls) -> bool:
-        # transformers treats out-of-library models as code whose `_init_weights` may bypass its init
-        # functions, and then skips modules without direct parameters (e.g. CLIP's attention) when filling
-        # in missing weights. This model initialises through `transformers.initialization`, so the
-        # library's regular path applies and `from_pretrained` initialises exactly like `__init__`.
-        return False
-
-    def _get_resized_embeddings(self, old_embeddings, *args, **kwargs):
-        """`resize_token_embeddings` resizes the LM's vocabulary; the media-token rows are kept as they are."""
-        resized = super()._get_resized_embeddings(old_embeddings, *args, **kwargs)
-        if not isinstance(old_embeddings, MediaTokenEmbedding):
-            return resized
-        embedding = MediaTokenEmbedding(resized.num_embeddings, resized.embedding_dim, old_embeddings.media_token_ids, resized.padding_idx)
-        embedding.weight, embedding.media_embedding = resized.weight, old_embeddings.media_embedding
-        embedding._is_hf_initialized = True  # its weights come from the old layer: `post_init` must not redraw them
-        return embedding
-
+    # `resize_token_embeddings` keeps the input embedding's own class (transformers resizes its weight in place), so
+    # `MediaTokenEmbedding` keeps its media rows; the LM head is rebuilt as a plain `nn.Linear`, so this hook (private,
+    # pinned by test_resize_token_embeddings_keeps_media_rows) moves the resized weight into the existing head.
     def _get_resized_lm_head(self, old_lm_head, *args, **kwargs):
         resized = super()._get_resized_lm_head(old_lm_head, *args, **kwargs)
-        if not isinstance(old_lm_head, MediaTokenLMHead):
+        if not isinstance(old_lm_head, MediaTokenLMHead) or resized is old_lm_head:
             return resized
-        vocab_size, hidden_size = resized.weight.shape
-        head = MediaTokenLMHead(hidden_size, vocab_size, old_lm_head.media_token_ids, max(vocab_size, max(old_lm_head.media_token_ids) + 1))
-        head.weight, head.media_head = resized.weight, old_lm_head.media_head
-        head._is_hf_initialized = True
-        return head
+        old_lm_head.weight = resized.weight
+        old_lm_head.out_features = resized.out_features
+        old_lm_head.output_vocab_size = max(resized.out_features, max(old_lm_head.media_token_ids) + 1)
+        return old_lm_head
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers writes the `auto_map` entry of the saved class only; remote code needs all of them
@@ -419,6 +442,25 @@ class VisInContextPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         _init_new_parts(module, std=getattr(self.config.text_config, "initializer_range", 0.02))
+
+    def initialize_weights(self) -> None:
+        """Initialises the weights not loaded from a checkpoint (`transformers.initialization` skips loaded ones).
+
+        The backbones from the library go first, each through its own `initialize_weights`: transformers treats a
+        class from outside the library (this one) as custom code and skips its modules without parameters of their
+        own, such as CLIP's attention, whose projections CLIP's `_init_weights` sets from the attention module. Then
+        the library's pass over this model, and last the cross-attention gates, which sit inside the language model
+        and so are seen only by the LM's `_init_weights`, which does not know them.
+        """
+        for module in self.modules():
+            if isinstance(module, PreTrainedModel) and not isinstance(module, VisInContextPreTrainedModel):
+                module.initialize_weights()
+        super().initialize_weights()
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, GatedCrossAttentionBlock):
+                    _init_new_parts(module, std)
 
     def _freeze_backbones(self) -> None:
         """Freeze the vision tower and LM body as configured; new parts stay trainable."""
@@ -434,12 +476,19 @@ class VisInContextPreTrainedModel(PreTrainedModel):
 class VisInContextModel(VisInContextPreTrainedModel):
     """Vision tower + two resamplers + a causal LM body with gated cross-attention; returns hidden states."""
 
-    def __init__(self, config: VisInContextConfig):
+    def __init__(
+        self,
+        config: VisInContextConfig,
+        vision_tower: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ):
+        """`vision_tower` / `language_model`: pretrained backbones to build around (see `from_backbones`); by
+        default both are built from `config` with random weights."""
         super().__init__(config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
         self.image_resampler = PerceiverResampler(config)
         self.context_resampler = PerceiverResampler(config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        self.language_model = language_model if language_model is not None else AutoModel.from_config(config.text_config)
         self._wrap_language_model()
         self.post_init()
         self._freeze_backbones()
@@ -467,12 +516,16 @@ class VisInContextModel(VisInContextPreTrainedModel):
         embedding = MediaTokenEmbedding(old.num_embeddings, old.embedding_dim, self.config.media_token_ids, old.padding_idx)
         embedding.weight = old.weight  # keep the LM's (already initialised) vocabulary
         self.language_model.set_input_embeddings(embedding)
-        self.language_model._init_weights = types.MethodType(_init_language_model_weights, self.language_model)
-        # tensor-parallel plans name the decoder layers' modules; they now sit one level deeper
-        if self.language_model._tp_plan:
-            self.language_model._tp_plan = {
-                key.replace("layers.*.", "layers.*.decoder_layer."): value for key, value in self.language_model._tp_plan.items()
-            }
+        # the wrapped LM's name for its KV cache argument (`cache` from transformers 5.24, `past_key_values` before)
+        parameters = inspect.signature(self.language_model.forward).parameters
+        self.language_model_cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        # Tensor parallelism shards the decoder layers as the LM's plan says (they now sit one level deeper); the
+        # media-token embedding and head, and the new blocks, stay replicated (they are not written for sharded weights).
+        self.language_model.tp_plan = {
+            key.replace("layers.*.", "layers.*.decoder_layer."): value
+            for key, value in (self.language_model.tp_plan or {}).items()
+            if key != "embed_tokens"
+        }
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -631,7 +684,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         image_mask: torch.BoolTensor | None = None,
         context_pixel_values: torch.FloatTensor | None = None,
@@ -643,6 +696,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
         past_chunk_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> VisInContextModelOutputWithPast:
         r"""
@@ -655,7 +709,9 @@ class VisInContextModel(VisInContextPreTrainedModel):
         media_key_values: the memory already projected by each cross-attention block (an earlier output's
             `media_key_values`, with its `media_latents_mask`); `generate` passes it at every decoding step.
         past_chunk_ids (`(B,)`): chunk of the last cached token, so that new tokens continue its chunk.
+        cache: the KV cache (`past_key_values` before transformers 5.24; either name is accepted).
         """
+        cache = _one_cache(cache, past_key_values)
         self._validate(input_ids, inputs_embeds, pixel_values, image_mask, context_pixel_values, context_mask, image_latents_mask)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -706,16 +762,16 @@ class VisInContextModel(VisInContextPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             media_key_values=media_key_values,
             media_attention_mask=media_attention_mask,
+            **{self.language_model_cache_argument: cache},
             **({"output_attentions": output_attentions} if output_attentions is not None else {}),
             **kwargs,
         )
         return VisInContextModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             media_latents=media_latents,
@@ -734,13 +790,23 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         "lm_head.media_head.weight": "model.language_model.embed_tokens.media_embedding.weight",
     }
 
-    def __init__(self, config: VisInContextConfig):
+    def __init__(
+        self,
+        config: VisInContextConfig,
+        vision_tower: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ):
+        """`vision_tower` / `language_model`: pretrained backbones to build around, the latter a causal LM whose
+        output projection becomes the head's (see `from_backbones`); by default both are built from `config`."""
         super().__init__(config)
-        self.model = VisInContextModel(config)
+        body = None if language_model is None else language_model.get_decoder()
+        self.model = VisInContextModel(config, vision_tower=vision_tower, language_model=body)
         text_config = config.text_config
         self.lm_head = MediaTokenLMHead(
             text_config.hidden_size, text_config.vocab_size, config.media_token_ids, config.output_vocab_size
         )
+        if language_model is not None:
+            self.lm_head.weight = language_model.get_output_embeddings().weight
         self.contrastive_head = TextCentricContrastiveHead(config)
         self.post_init()
         self._freeze_backbones()
@@ -796,7 +862,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         image_mask: torch.BoolTensor | None = None,
         context_pixel_values: torch.FloatTensor | None = None,
@@ -812,6 +878,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> VisInContextCausalLMOutputWithPast:
         r"""
@@ -825,7 +892,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             image_mask=image_mask,
             context_pixel_values=context_pixel_values,
@@ -860,7 +927,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             lm_loss=lm_loss,
             contrastive_loss=contrastive_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             media_latents=outputs.media_latents,
@@ -874,10 +941,6 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        is_first_iteration: bool | None = False,
         media_key_values: tuple | None = None,
         media_latents_mask: torch.Tensor | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
@@ -887,14 +950,10 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         image_latents_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> dict[str, Any]:
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids,
-            past_key_values=past_key_values,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            is_first_iteration=is_first_iteration,
-            **kwargs,
-        )
+        """The library's preparation (slicing to the new tokens, cache, masks), plus the media: raw images and pages
+        at prefill, the memory projected at prefill (`media_key_values`) at every later step. The KV cache arrives as
+        `cache` or `past_key_values`, whichever the installed transformers passes."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         if media_key_values is None:  # prefill: encode the media
             model_inputs.update(
                 context_pixel_values=context_pixel_values,
@@ -905,7 +964,8 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             return model_inputs
         # later steps reuse the memory from the prefill; raw media are not sent again
         model_inputs.pop("pixel_values", None)
-        cached = past_key_values is not None and past_key_values.get_seq_length() > 0
+        cache = _one_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
+        cached = cache is not None and cache.get_seq_length() > 0
         model_inputs.update(
             media_key_values=media_key_values,
             media_latents_mask=media_latents_mask,
@@ -913,6 +973,9 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         )
         return model_inputs
 
+    # Carries the prefill's projected memory and the last token's chunk to the next decoding step. A private hook of
+    # GenerationMixin, overridden the same way by transformers' own IDEFICS and Mllama (no public alternative);
+    # tests/test_compatibility.py pins its signature and test_modeling.py that media are encoded once per `generate`.
     def _update_model_kwargs_for_generation(
         self, outputs: ModelOutput, model_kwargs: dict[str, Any], is_encoder_decoder: bool = False, num_new_tokens: int = 1
     ) -> dict[str, Any]:
@@ -964,19 +1027,8 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             end_of_chunk_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN),
             **config_kwargs,
         )
-        model = cls(config).to(causal_lm.dtype)
-        model.model.vision_tower.load_state_dict(vision_tower.state_dict())
-        body = causal_lm.get_decoder()
-        renamed = {
-            (f"layers.{k.split('.', 2)[1]}.decoder_layer.{k.split('.', 2)[2]}" if k.startswith("layers.") else k): v
-            for k, v in body.state_dict().items()
-        }
-        missing, unexpected = model.model.language_model.load_state_dict(renamed, strict=False)
-        new_parts = [k for k in missing if not any(part in k for part in NEW_PARTS_INSIDE_LANGUAGE_MODEL)]
-        if new_parts or unexpected:
-            raise ValueError(f"language_model: weights do not match the wrapped model (missing {new_parts}, unexpected {unexpected})")
-        with torch.no_grad():
-            model.lm_head.weight.copy_(causal_lm.get_output_embeddings().weight)
+        # built around the loaded modules (as transformers' EncoderDecoderModel is): no weights are copied or renamed
+        model = cls(config, vision_tower=vision_tower, language_model=causal_lm).to(causal_lm.dtype)
         model._freeze_backbones()
         return model
 
@@ -987,8 +1039,7 @@ def load_vision_tower(name_or_path: str, **kwargs) -> PreTrainedModel:
 
     config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
     vision_config = getattr(config, "vision_config", config)
-    model_class = AutoModel._model_mapping[type(vision_config)]
-    return model_class.from_pretrained(name_or_path, **kwargs)
+    return AutoModel.from_pretrained(name_or_path, config=vision_config, **kwargs)
 
 
 __all__ = [

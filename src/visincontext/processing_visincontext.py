@@ -264,6 +264,8 @@ class VisInContextProcessor(ProcessorMixin):
         sample has images or context.
         """
         texts, per_sample, contexts, _ = self._batch_inputs(images, text, context)
+        # ProcessorMixin's (underscored) kwargs merger, which every transformers processor's `__call__` uses; the
+        # ProcessorTesterMixin suite in tests/test_processing_common.py fails if it changes
         options = self._merge_kwargs(VisInContextProcessorKwargs, **kwargs)
         return_tensors = kwargs.pop("return_tensors", None) or options["text_kwargs"].get("return_tensors") or "pt"
         kwargs.pop("return_context_ids", None)
