@@ -1,10 +1,6 @@
 """Publishing: model card, Hub-ready folder, upload (issue: hub)."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -103,44 +99,3 @@ def test_publish_without_token_fails_before_any_work(trained, tmp_path, monkeypa
         publish(out, "not-a-repo-id", dry_run=True)
     with pytest.raises(ValueError, match="out_dir"):
         publish(tmp_path / "missing", "someone/x", dry_run=True)
-
-
-@pytest.mark.slow
-def test_repo_loads_in_a_fresh_virtualenv_without_visincontext(trained, tmp_path):
-    """The folder alone, in a virtualenv with only torch, transformers and pillow, generates the same tokens."""
-    import transformers
-    from PIL import Image
-
-    model, processor = trained
-    out = prepare_repo(model, processor, tmp_path / "repo")
-    image = Image.new("RGB", (40, 30), (200, 30, 30))
-    context = "Fact: the capital of Atlantis is Poseidonia. " * 4
-    inputs = processor(images=[image], text="<image>Question: capital? Answer:", context=context, return_tensors="pt")
-    expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0].tolist()
-
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
-    subprocess.run(
-        [python, "-m", "pip", "install", "-q", "torch==" + torch.__version__.split("+")[0],
-         "transformers==" + transformers.__version__, "pillow"],
-        check=True, capture_output=True, text=True,
-    )
-    script = textwrap.dedent(
-        f"""
-        import importlib.util, torch
-        from PIL import Image
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-        assert importlib.util.find_spec("visincontext") is None
-        model = AutoModelForImageTextToText.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
-        processor = AutoProcessor.from_pretrained({str(out)!r}, trust_remote_code=True)
-        image = Image.new("RGB", (40, 30), (200, 30, 30))
-        inputs = processor(images=[image], text="<image>Question: capital? Answer:", context={context!r}, return_tensors="pt")
-        print("TOKENS", model.generate(**inputs, max_new_tokens=8, do_sample=False)[0].tolist())
-        """
-    )
-    result = subprocess.run([python, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""})
-    assert result.returncode == 0, result.stderr[-3000:]
-    tokens = json.loads(result.stdout.split("TOKENS")[1].strip())
-    assert tokens == expected
