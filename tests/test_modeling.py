@@ -532,3 +532,115 @@ def test_tensor_parallel_plan_names_existing_modules():
     for pattern in plan:
         regex = re.compile("^" + re.escape(pattern).replace(r"\*", r"\d+") + "$")
         assert any(regex.match(name) for name in names), pattern
+
+
+# ---- the user's path: defects found by running train -> save -> reload -> generate (issue 16) -------------------
+
+
+def test_from_pretrained_keeps_the_backbones_frozen(tmp_path):
+    """Reloading must not unfreeze: loading creates new parameters, which are all trainable."""
+    model = tiny_model()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert {name for name, p in reloaded.named_parameters() if p.requires_grad} == trainable
+    assert not any("vision_tower" in name or ".decoder_layer." in name for name in trainable)
+    unfrozen = AutoModelForImageTextToText.from_pretrained(tmp_path, freeze_language_model=False)
+    assert any(".decoder_layer." in name for name, p in unfrozen.named_parameters() if p.requires_grad)
+
+
+def test_contrastive_loss_with_fewer_than_two_pairs_is_zero():
+    """A batch in which fewer than two samples have both pages and context ids (single-text documents) trains on
+    the LM loss alone instead of failing."""
+    model = tiny_model().train()
+    batch = sample_batch()
+    context_ids = torch.randint(0, VOCAB - 3, (2, 9))
+    for context_mask in (torch.zeros(2, 3, dtype=torch.bool), torch.tensor([[True, False, False], [False] * 3])):
+        out = model(**dict(batch, context_mask=context_mask), labels=batch["input_ids"], context_input_ids=context_ids)
+        assert out.contrastive_loss.item() == 0.0 and torch.equal(out.loss, out.lm_loss)
+        out.loss.backward()
+
+
+def test_logits_of_ids_that_do_not_exist_are_minus_infinity():
+    """Media ids past the vocabulary leave a gap of ids that no token has: their logits are the lowest value, so
+    sampling cannot emit them."""
+    model = open_gates(tiny_model(image_token_id=VOCAB + 3, end_of_chunk_token_id=VOCAB + 4), 0.5)
+    batch = sample_batch()
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_ID, VOCAB + 3)
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == EOC_ID, VOCAB + 4)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[-1] == VOCAB + 5
+    assert (logits[..., VOCAB : VOCAB + 3] == torch.finfo(logits.dtype).min).all()
+    assert torch.isfinite(logits[..., [VOCAB + 3, VOCAB + 4]]).all()
+    torch.manual_seed(0)
+    sampled = model.generate(**batch, do_sample=True, temperature=5.0, max_new_tokens=40, eos_token_id=None, pad_token_id=0)
+    new = sampled[:, batch["input_ids"].shape[1] :]
+    assert not ((new >= VOCAB) & (new < VOCAB + 3)).any()
+
+
+def test_generation_config_follows_the_tokenizer_and_the_language_model(tmp_path):
+    from visincontext.testing import EOS_ID, PAD_ID
+
+    assert tiny_model().generation_config.eos_token_id == EOS_ID == tiny_tokenizer().eos_token_id
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    CLIPVisionModel(cfg.vision_config).save_pretrained(tmp_path / "vision")
+    lm = AutoModelForCausalLM.from_config(cfg.text_config)
+    lm.generation_config.eos_token_id, lm.generation_config.do_sample, lm.generation_config.temperature = [EOS_ID, 5], True, 0.3
+    lm.save_pretrained(tmp_path / "lm")
+    tiny_tokenizer().save_pretrained(tmp_path / "lm")
+    model = VisInContextForConditionalGeneration.from_backbones(
+        str(tmp_path / "vision"), str(tmp_path / "lm"), num_latents=4, resampler_depth=1, cross_attention_every=1)
+    assert model.generation_config.eos_token_id == [EOS_ID, 5] and model.generation_config.temperature == 0.3
+    assert model.generation_config.pad_token_id == PAD_ID
+    model.save_pretrained(tmp_path / "built")
+    assert json.loads((tmp_path / "built" / "generation_config.json").read_text())["eos_token_id"] == [EOS_ID, 5]
+
+
+def test_plain_bitsandbytes_config_keeps_new_parts_unquantised(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="the [quant] extra")
+    from transformers import BitsAndBytesConfig
+
+    from visincontext.training import DataArguments, ModelArguments, build_model_and_processor
+
+    model, _ = build_model_and_processor(ModelArguments(), DataArguments())
+    model.save_pretrained(tmp_path)
+    quantized = AutoModelForImageTextToText.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map={"": "cpu"})
+    kinds = {name: type(module).__name__ for name, module in quantized.named_modules()}
+    assert kinds["model.language_model.layers.0.decoder_layer.self_attn.q_proj"] == "Linear4bit"
+    for name, kind in kinds.items():
+        if any(part in name for part in ("resampler", "gated_cross_attention", "vision_tower", "lm_head", "contrastive")):
+            assert kind != "Linear4bit", name
+    quantized.train()  # before any no-grad forward (bitsandbytes repacks 4-bit weights in eval mode on CPU)
+    batch = sample_batch()
+    batch["pixel_values"] = torch.randn(2, 2, 3, 64, 64)
+    batch["context_pixel_values"] = torch.randn(2, 3, 3, 64, 64)
+    assert torch.isfinite(quantized(**batch, labels=batch["input_ids"]).loss)
+
+
+@pytest.mark.parametrize(
+    "change,argument",
+    [
+        (dict(input_ids=torch.tensor([[5, 6, 7, 8, 9, EOC_ID, 10, 11, 12, 13, VOCAB + 2]] * 2)), "input_ids"),
+        (dict(input_ids=torch.tensor([[-1] + [5] * 10] * 2)), "input_ids"),
+        (dict(attention_mask=torch.ones(2, 7, dtype=torch.long)), "attention_mask"),
+    ],
+)
+def test_out_of_vocabulary_ids_and_wrong_attention_mask_are_refused(change, argument):
+    model = tiny_model()
+    batch = dict(sample_batch(), **change)
+    if argument == "input_ids":
+        batch = {k: v for k, v in batch.items() if not k.startswith(("pixel", "image"))}
+    with pytest.raises(ValueError, match=f"{argument}: (ids|expected shape)"):
+        model(**batch)
+
+
+def test_a_folder_without_config_json_is_an_error(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match="pretrained_model_name_or_path: no config.json"):
+        VisInContextForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="config.json"):  # transformers' own error for the Auto classes
+        AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)

@@ -162,3 +162,16 @@ def test_bad_settings_name_the_argument():
         tiny_processor(font_path="/no/such/font.ttf")
     with pytest.raises(ValueError, match="page_height"):
         tiny_processor(page_height=-1)
+
+
+def test_a_processor_saved_after_right_padded_batches_still_pads_left(tmp_path):
+    """Training batches pad on the right (the collator asks for it); the tokenizer then saves "right" in its
+    files, and the reloaded processor must still pad prompts on the left, as `generate` needs."""
+    processor = tiny_processor()
+    processor(text=["a", "bbb"], padding_side="right", return_tensors="pt")
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    batch = reloaded(text=["a", "bbb"], return_tensors="pt")
+    assert batch["attention_mask"].tolist() == [[0, 0, 1], [1, 1, 1]]
+    assert reloaded(text=["a", "bbb"], padding_side="right", return_tensors="pt")["attention_mask"].tolist() == [
+        [1, 0, 0], [1, 1, 1]]

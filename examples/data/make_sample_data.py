@@ -3,7 +3,8 @@
     python examples/data/make_sample_data.py
 
 - `obelics_sample.jsonl`: 24 interleaved documents in the OBELICS schema (parallel `images` / `texts`
-  lists, `None` where the other kind stands), with small drawn images under `images/`.
+  lists, `None` where the other kind stands), with small drawn images under `images/`; their text is Faker's
+  English (`pip install faker`), different in every document, so that the contrastive loss can tell them apart.
 - `easyvqa_sample.jsonl`: 64 questions from the easy-VQA data set (the `easy-vqa` package), images copied.
 """
 
@@ -32,7 +33,32 @@ def draw(shape: str, color: str, path: Path) -> None:
     image.save(path)
 
 
+def document_opening(fake, kind: int) -> str:
+    """The first text of a document, in one of six kinds that look as different on a page as real documents do:
+    prose, a list, an address book, a table of figures, a dialogue, a log of dated entries."""
+    if kind == 0:
+        return f"{fake.catch_phrase()}.\n{fake.paragraph(nb_sentences=6)}"
+    if kind == 1:
+        return "Things to bring:\n" + "\n".join(f"- {fake.word()} {fake.word()}" for _ in range(9))
+    if kind == 2:
+        return "\n\n".join(f"{fake.name()}\n{fake.street_address()}\n{fake.city()}" for _ in range(3))
+    if kind == 3:
+        rows = [f"{fake.word():<10}{fake.random_int(10, 9999):>7}{fake.random_int(0, 99):>5}%" for _ in range(8)]
+        return "Quarter results\n" + "\n".join(rows)
+    if kind == 4:
+        names = [fake.first_name(), fake.first_name()]
+        return "\n".join(f"{names[i % 2]}: {fake.sentence(nb_words=5)}" for i in range(7))
+    return "\n".join(f"{fake.date()} {fake.time()} {fake.sentence(nb_words=4)}" for _ in range(7))
+
+
 def obelics(rng: random.Random) -> None:
+    """Documents whose texts differ as real ones do (six kinds of layout, Faker's English in each, a different topic
+    and place every time), with two drawn shapes that the text around them describes. Their earlier text becomes
+    the rendered context."""
+    from faker import Faker
+
+    fake = Faker("en_US")
+    fake.seed_instance(0)
     rows = []
     for doc in range(24):
         shapes = [(rng.choice(SHAPES), rng.choice(list(COLORS))) for _ in range(2)]
@@ -43,12 +69,12 @@ def obelics(rng: random.Random) -> None:
             names.append(name)
         city = rng.choice(["Lisbon", "Oslo", "Kyoto", "Lima", "Accra", "Quebec"])
         texts = [
-            f"Notes from the workshop in {city}, day {doc + 1}. Today we sorted shapes by colour and size.",
-            f"The first drawing was a {shapes[0][1]} {shapes[0][0]}, placed on the left of the table.",
+            document_opening(fake, doc % 6),
+            f"{fake.name()} of {city} wrote: {fake.paragraph(nb_sentences=2)}",
             None,
-            f"Next to it we found a {shapes[1][1]} {shapes[1][0]}.",
+            f"The first picture shows a {shapes[0][1]} {shapes[0][0]}. {fake.sentence()}",
             None,
-            f"In {city} the {shapes[0][0]} and the {shapes[1][0]} were kept together.",
+            f"Next to it is a {shapes[1][1]} {shapes[1][0]}. {fake.paragraph(nb_sentences=2)}",
         ]
         images = [None, None, names[0], None, names[1], None]
         rows.append({"images": images, "texts": texts})

@@ -56,6 +56,14 @@ class VisInContextConfig(PreTrainedConfig):
             Size of the shared embedding space of the TCCL heads.
         contrastive_text_layer (`int`, *optional*):
             Hidden-state index of the language model read by the TCCL text head; defaults to the middle layer.
+        reading_loss_weight (`float`, defaults to 0.0):
+            Weight of the reading objective (0: off, and no reading head is built): a linear head spells out, from
+            each rendered-context latent, the characters of its run of `reading_cells_per_latent` page cells (in
+            reading order). It gives every latent a dense target of its own; the targets come from the renderer's
+            layout (`VisInContextProcessor.reading_targets`).
+        reading_cells_per_latent (`int`, defaults to 8):
+            Page cells each latent reads. With the default layout (rows one patch tall, two characters per patch)
+            a 224x224 page with 16-px patches has 14 x 28 = 392 cells: 64 latents x 8 cover them all.
         freeze_vision_tower (`bool`, defaults to `True`) / freeze_language_model (`bool`, defaults to `True`):
             Freeze the backbones. New parts (resamplers, cross-attention, media token embeddings,
             TCCL heads) always stay trainable.
@@ -65,8 +73,12 @@ class VisInContextConfig(PreTrainedConfig):
     """
 
     model_type = "visincontext"
-    # large per-batch tensors that Trainer's evaluation loop should not gather
-    keys_to_ignore_at_inference = ["past_key_values", "cache", "media_latents", "media_latents_mask", "media_key_values", "chunk_ids"]
+    # what Trainer's evaluation loop should not gather as predictions: large per-batch tensors, and the loss parts
+    # (VisInContextTrainer reports those as `eval_lm_loss`, ...), so that `predictions` are the logits
+    keys_to_ignore_at_inference = [
+        "past_key_values", "cache", "media_latents", "media_latents_mask", "media_key_values", "chunk_ids",
+        "lm_loss", "contrastive_loss", "reading_loss",
+    ]
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(
             config_class=AutoConfig,
@@ -100,6 +112,8 @@ class VisInContextConfig(PreTrainedConfig):
     contrastive_temperature_init: float = 0.07
     contrastive_dim: int = 256
     contrastive_text_layer: int | None = None
+    reading_loss_weight: float = 0.0
+    reading_cells_per_latent: int = 8
     freeze_vision_tower: bool = True
     freeze_language_model: bool = True
     image_token_id: int = 32000
@@ -114,8 +128,24 @@ class VisInContextConfig(PreTrainedConfig):
             self.tie_word_embeddings = True
         if self.latent_fusion not in ("sum", "concat"):
             raise ValueError(f"latent_fusion: expected 'sum' or 'concat', got {self.latent_fusion!r}")
+        if self.reading_loss_weight < 0:
+            raise ValueError(f"reading_loss_weight: expected a number >= 0, got {self.reading_loss_weight}")
+        if self.reading_cells_per_latent < 1:
+            raise ValueError(f"reading_cells_per_latent: expected a positive integer, got {self.reading_cells_per_latent}")
         if self.cross_attention_every < 1:
             raise ValueError(f"cross_attention_every: expected a positive integer, got {self.cross_attention_every}")
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As for any config, but a folder or repository without `config.json` is an error: transformers would build
+        this class's defaults, a Llama-7B with a ViT-L/14 tower, and allocate it."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if not config_dict:
+            raise ValueError(
+                f"pretrained_model_name_or_path: no config.json in {str(pretrained_model_name_or_path)!r}; a VisInContext "
+                "checkpoint is a folder written by save_pretrained (or pass config=...)"
+            )
+        return config_dict, kwargs
 
     @property
     def media_token_ids(self) -> tuple[int, int]:

@@ -7,9 +7,10 @@ model inputs with labels, rendering the context on the fly (in DataLoader worker
 `dataloader_num_workers > 0`) and dropping image latents with probability `token_mask_prob`.
 """
 
+import hashlib
 import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +142,17 @@ def format_row(
 
 
 def format_dataset(dataset, kind: str, skip_bad_rows: bool = False, **format_kwargs):
-    """Wraps a `datasets.Dataset` (or any sized, indexable dataset) or an `IterableDataset` so that each row
-    is formatted when read (images stay lazily decoded). Returns `(dataset, BadRowCounter)`.
+    """Formats each row of a `datasets.Dataset` (or any sized, indexable dataset) or a streaming
+    `datasets.IterableDataset` when it is read (images stay lazily decoded). Returns `(dataset, BadRowCounter)`.
 
-    A malformed row raises `ValueError` naming its index; with `skip_bad_rows=True` it is skipped (the collator
-    drops it from its batch) and counted in the counter, with a warning.
+    A malformed row raises `ValueError` naming its index; with `skip_bad_rows=True` it is skipped and counted, with
+    a warning (the collator drops it from its batch). A stream stays a `datasets.IterableDataset`, so that the
+    Trainer (accelerate) splits it once across processes and DataLoader workers read disjoint shards; its row
+    indices count the rows of each such part (a stream has no global position). Skips in DataLoader workers are
+    logged there but not counted in the main process.
     """
+    from datasets import IterableDataset
+
     counter = BadRowCounter()
 
     def convert(row, index):
@@ -159,12 +165,19 @@ def format_dataset(dataset, kind: str, skip_bad_rows: bool = False, **format_kwa
             return None
         sample["row_index"] = index
         if "context_pages" in row:  # rendered ahead of time by `prerender`
-            sample["context_pages"], sample["context_text"] = row["context_pages"], row["context_text"]
+            for key in ("context_pages", "context_cells", "context_text"):
+                sample[key] = row[key]
         return sample
 
+    if isinstance(dataset, IterableDataset):
+        wrapped = dataset.map(lambda row, index: {"sample": convert(row, index)}, with_indices=True,
+                              remove_columns=dataset.column_names)
+        samples = wrapped.filter(lambda row: row["sample"] is not None)
+        return samples.map(lambda row: row["sample"], remove_columns=["sample"]), counter
     if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
         return _FormattedDataset(dataset, convert), counter
-    return _FormattedIterableDataset(dataset, convert), counter
+    raise TypeError(f"dataset: expected a datasets.Dataset, an indexable sized dataset or a datasets.IterableDataset, "
+                    f"got {type(dataset).__name__}")
 
 
 class BadRowCounter:
@@ -194,30 +207,16 @@ class _FormattedDataset(torch.utils.data.Dataset):
         return self.convert(self.dataset[int(index)], int(index))
 
 
-class _FormattedIterableDataset(torch.utils.data.IterableDataset):
-    """Streaming rows, formatted as read; DataLoader workers take every n-th row."""
-
-    def __init__(self, dataset, convert):
-        self.dataset, self.convert = dataset, convert
-
-    def __iter__(self):
-        worker = torch.utils.data.get_worker_info()
-        for index, row in enumerate(self.dataset):
-            if worker is not None and index % worker.num_workers != worker.id:
-                continue
-            sample = self.convert(row, index)
-            if sample is not None:
-                yield sample
-
-
 @dataclass
 class VisInContextCollator:
     """Samples -> a batch of model inputs with `labels`.
 
     Labels are the input ids, with -100 on padding, on `<image>` tokens and on the prompt. Image latents are
     dropped with probability `token_mask_prob` (the paper's token masking, 0.5 in pretraining) through the
-    `image_latents_mask` input, drawn from a generator seeded with `seed` (offset per DataLoader worker and
-    per process, so workers and ranks draw different masks and a rerun draws the same ones).
+    `image_latents_mask` input. The draw for a sample is a function of `seed`, `epoch` and the sample's row (its
+    `row_index`, or its text when it has none): the same sample gets the same mask in any batch, order, DataLoader
+    worker or process, and again when a run resumes from a checkpoint. `VisInContextTrainer` sets `epoch` at the
+    start of each epoch, so that masks change from one epoch to the next.
     """
 
     processor: Any
@@ -225,22 +224,42 @@ class VisInContextCollator:
     seed: int = 0
     return_context_ids: bool = False
     max_length: int | None = None
-    _generator: torch.Generator | None = field(default=None, init=False, repr=False)
+    epoch: int = 0
+    reading_layout: tuple[int, int] | None = None  # (latents per page, cells per latent): add reading targets
 
     def __post_init__(self):
         if not 0.0 <= self.token_mask_prob <= 1.0:
             raise ValueError(f"token_mask_prob: expected a probability in [0, 1], got {self.token_mask_prob}")
 
-    def generator(self) -> torch.Generator:
-        if self._generator is None:
-            worker = torch.utils.data.get_worker_info()
-            offset = (worker.id + 1 if worker is not None else 0) + 1009 * int(os.environ.get("RANK", 0))
-            self._generator = torch.Generator().manual_seed(self.seed + 7919 * offset)
-        return self._generator
+    def sample_key(self, sample: dict) -> int:
+        """The part of a sample's random draws that identifies it: its row index, or a hash of its text."""
+        if sample.get("row_index") is not None:
+            return int(sample["row_index"])
+        text = f"{sample.get('prompt', '')}\x00{sample.get('text', '')}\x00{sample.get('context') or ''}"
+        return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:7], "big")
 
-    def image_latents_mask(self, image_mask: torch.Tensor) -> torch.Tensor:
+    def _truncate(self, batch: dict, samples: list[dict]) -> None:
+        """Cuts the (right-padded) sequences to `max_length`; an image whose `<image>` token is cut is dropped with it
+        (warned about once), so that tokens and images stay consistent."""
+        for key in ("input_ids", "attention_mask", "offset_mapping"):
+            batch[key] = batch[key][:, : self.max_length]
+        kept = (batch["input_ids"] == self.processor.image_token_id).sum(dim=1)
+        slots = torch.arange(batch["image_mask"].shape[1])
+        cut = batch["image_mask"] & (slots[None, :] >= kept[:, None])
+        if cut.any():
+            batch["image_mask"] = batch["image_mask"] & ~cut
+            batch["pixel_values"] = batch["pixel_values"].masked_fill(cut[..., None, None, None], 0.0)
+            rows = [samples[i].get("row_index") for i in cut.any(dim=1).nonzero().flatten().tolist()]
+            _warn_once(self, f"max_length={self.max_length} cut <image> tokens (rows {rows}, and maybe later ones): "
+                             "their images are dropped with them")
+
+    def image_latents_mask(self, samples: list[dict], image_mask: torch.Tensor) -> torch.Tensor:
         """(B, N) real-image mask -> (B, N) keep mask: each real image kept with probability 1 - token_mask_prob."""
-        keep = torch.rand(image_mask.shape, generator=self.generator()) >= self.token_mask_prob
+        keep = torch.zeros_like(image_mask)
+        for row, sample in enumerate(samples):
+            entropy = np.random.SeedSequence([self.seed, self.epoch, self.sample_key(sample)]).generate_state(2)
+            generator = torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+            keep[row] = torch.rand(image_mask.shape[1], generator=generator) >= self.token_mask_prob
         return keep & image_mask
 
     def __call__(self, samples: list[dict | None]) -> dict:
@@ -257,20 +276,24 @@ class VisInContextCollator:
             rows = [s.get("row_index") for s in samples]
             raise ValueError(f"an image of rows {rows} cannot be read: {error}") from error
         text_kwargs = dict(padding=True, padding_side="right", return_offsets_mapping=True)
-        if self.max_length is not None:
-            text_kwargs.update(truncation=True, max_length=self.max_length)
         prerendered = all("context_pages" in s for s in samples)
         batch = self.processor(
             images=images, text=texts, context=None if prerendered else [s.get("context") for s in samples],
-            return_tensors="pt", return_context_ids=self.return_context_ids and not prerendered, **text_kwargs,
+            return_tensors="pt", return_context_ids=self.return_context_ids and not prerendered,
+            reading_layout=None if prerendered else self.reading_layout, **text_kwargs,
         )
         if prerendered:
             pixels, mask = self.processor.pages_to_pixel_values([np.asarray(s["context_pages"], np.uint8) for s in samples])
             batch["context_pixel_values"], batch["context_mask"] = pixels, mask
+            if self.reading_layout:
+                cells = [np.asarray(s["context_cells"], np.int32) for s in samples]
+                batch["context_reading_targets"] = self.processor.reading_targets(cells, *self.reading_layout)
             if self.return_context_ids:
                 tokens = self.processor.tokenizer([s["context_text"] for s in samples], padding=True, padding_side="right",
                                                   return_tensors="pt", add_special_tokens=False)
                 batch["context_input_ids"], batch["context_attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+        if self.max_length is not None and batch["input_ids"].shape[1] > self.max_length:
+            self._truncate(batch, samples)
         offsets = batch.pop("offset_mapping")  # (B, T, 2): character span of each token
         prompt_lengths = torch.tensor([len(s["prompt"]) for s in samples])
         labels = batch["input_ids"].clone()
@@ -279,37 +302,50 @@ class VisInContextCollator:
         labels[is_prompt | is_media | (batch["attention_mask"] == 0)] = -100
         batch["labels"] = labels
         if batch["image_mask"].shape[1] and self.token_mask_prob > 0:
-            batch["image_latents_mask"] = self.image_latents_mask(batch["image_mask"])
+            batch["image_latents_mask"] = self.image_latents_mask(samples, batch["image_mask"])
         return dict(batch)
 
 
-def prerender(dataset, kind: str, processor, num_proc: int | None = None, **format_kwargs):
+def _warn_once(collator, message: str) -> None:
+    if not getattr(collator, "_warned", False):
+        from transformers.utils import logging
+
+        logging.get_logger(__name__).warning(message)
+        collator._warned = True
+
+
+def prerender(dataset, kind: str, processor, num_proc: int | None = None, skip_bad_rows: bool = False, **format_kwargs):
     """Renders every row's context ahead of time with `datasets.map(num_proc=...)`, adding `context_pages`
-    (`(P, H, W)` uint8) and `context_text` (the text the pages hold) columns; `format_dataset` and the collator
-    then use those pages instead of rendering on the fly. For data sets read many times (several epochs)."""
+    (`(P, H, W)` uint8), `context_cells` (their layout, for reading targets) and `context_text` (the text the pages
+    hold) columns; `format_dataset` and the collator
+    then use those pages instead of rendering on the fly. For data sets read many times (several epochs).
+
+    A malformed row raises `ValueError` naming its index; with `skip_bad_rows=True` it gets no pages here and is
+    skipped (and counted) by `format_dataset`, as when rendering on the fly.
+    """
     from datasets import Array3D, Features, Value
 
     renderer = processor.renderer
+    no_pages = {"context_pages": np.zeros((0, renderer.page_height, renderer.page_width), np.uint8),
+                "context_cells": np.zeros((0, renderer.rows_per_page, renderer.columns), np.int32), "context_text": ""}
 
-    def render(row):
-        context = format_row(row, kind, **format_kwargs)["context"]
+    def render(row, index):
+        try:
+            context = format_row(row, kind, **format_kwargs)["context"]
+        except (ValueError, KeyError, OSError, TypeError) as error:
+            if skip_bad_rows:
+                return no_pages
+            raise ValueError(f"row {index}: {error}") from error
         if context is None:
-            return {"context_pages": np.zeros((0, renderer.page_height, renderer.page_width), np.uint8), "context_text": ""}
-        result = renderer.render(context, max_pages=processor.max_pages, overflow=processor.overflow)
+            return no_pages
+        result = processor.render(context)
         text = result.text[result.spans[0][0] : result.spans[-1][1]] if len(result) else ""
-        return {"context_pages": result.pages, "context_text": text}
+        return {"context_pages": result.pages, "context_cells": result.cells, "context_text": text}
 
     features = Features({
         **dataset.features,
         "context_pages": Array3D(shape=(None, renderer.page_height, renderer.page_width), dtype="uint8"),
+        "context_cells": Array3D(shape=(None, renderer.rows_per_page, renderer.columns), dtype="int32"),
         "context_text": Value("string"),
     })
-    return dataset.map(render, num_proc=num_proc, features=features, desc="rendering context")
-
-
-def split_for_this_process(dataset):
-    """Streaming datasets: each process (rank) reads a disjoint set of shards / rows."""
-    from datasets.distributed import split_dataset_by_node
-
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    return split_dataset_by_node(dataset, rank=rank, world_size=world_size) if world_size > 1 else dataset
+    return dataset.map(render, with_indices=True, num_proc=num_proc, features=features, desc="rendering context")

@@ -12,6 +12,7 @@ image or page, C = N + 1 chunks (chunk 0 holds the tokens before the first `<ima
 slots per chunk, D vision hidden size, H language-model hidden size.
 """
 
+import copy
 import inspect
 import math
 import warnings
@@ -36,6 +37,7 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, VisInContextConfig
+from .rendering_visincontext import READING_CLASSES
 
 logger = logging.get_logger(__name__)
 
@@ -81,19 +83,23 @@ class VisInContextModelOutputWithPast(BaseModelOutputWithPast):
 class VisInContextCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor` of shape `()`):
-        `lm_loss + contrastive_loss_weight * contrastive_loss` (the terms that were computed).
+        `lm_loss + contrastive_loss_weight * contrastive_loss + reading_loss_weight * reading_loss` (the terms that
+        were computed).
     logits (`torch.FloatTensor` of shape `(B, T, vocab)`):
         Prediction scores, `vocab = config.output_vocab_size`.
     lm_loss (`torch.FloatTensor` of shape `()`):
         Next-token cross-entropy over the labels that are not -100.
     contrastive_loss (`torch.FloatTensor` of shape `()`):
         Text-centric contrastive loss between rendered-context latents and the same text read by the LM.
+    reading_loss (`torch.FloatTensor` of shape `()`):
+        Cross-entropy of the reading head's characters against `context_reading_targets` (reading objective).
     media_latents, media_latents_mask, media_key_values, chunk_ids:
         As in `VisInContextModelOutputWithPast`.
     """
 
     lm_loss: torch.FloatTensor | None = None
     contrastive_loss: torch.FloatTensor | None = None
+    reading_loss: torch.FloatTensor | None = None
     media_latents: torch.FloatTensor | None = None
     media_latents_mask: torch.BoolTensor | None = None
     media_key_values: tuple | None = None
@@ -144,8 +150,8 @@ class MediaTokenLMHead(nn.Linear):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (B, T, H) -> logits (B, T, output_vocab_size)."""
         logits = F.linear(hidden_states, self.weight)
-        if self.output_vocab_size > self.out_features:
-            logits = F.pad(logits, (0, self.output_vocab_size - self.out_features))
+        if self.output_vocab_size > self.out_features:  # ids between the vocabulary and a media id do not exist
+            logits = F.pad(logits, (0, self.output_vocab_size - self.out_features), value=torch.finfo(logits.dtype).min)
         media_logits = self.media_head(hidden_states)  # (B, T, num_media_tokens)
         index = torch.tensor(self.media_token_ids, device=logits.device).expand(*logits.shape[:-1], -1)
         return logits.scatter(-1, index, media_logits)
@@ -382,15 +388,30 @@ def _check_rank(name: str, tensor: torch.Tensor | None, shape: str, rank: int) -
         raise ValueError(f"{name}: expected {shape}, got shape {tuple(tensor.shape)}")
 
 
-def _check_batch(name: str, tensor: torch.Tensor | None, batch_size: int) -> None:
-    if tensor is not None and tensor.shape[0] != batch_size:
-        raise ValueError(f"{name}: expected batch size {batch_size} (as input_ids), got {tensor.shape[0]}")
+def _bool_mask(name: str, mask: torch.Tensor | None, shape: torch.Size | None, values_name: str) -> torch.BoolTensor | None:
+    """A (batch, media) mask as booleans: bool or 0/1 integers are accepted, its shape must be `shape`."""
+    if mask is None:
+        return None
+    if shape is None:
+        raise ValueError(f"{name}: given without {values_name}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} (the first two dims of {values_name}), got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{name}: expected a bool (or 0/1 integer) tensor, got {mask.dtype}")
+    if mask.device.type != "meta" and ((mask != 0) & (mask != 1)).any():
+        raise ValueError(f"{name}: expected 0/1 values, got {sorted(set(mask.flatten().tolist()))[:5]}")
+    return mask.bool()
 
 
 def _init_new_parts(module: nn.Module, std: float) -> None:
     """Initialises the parameters VisInContext adds that generic `_init_weights` does not know."""
-    if isinstance(module, PerceiverResampler):
-        init.normal_(module.latents, mean=0.0, std=1.0)
+    if isinstance(module, (PerceiverAttention, MaskedCrossAttention)):
+        for linear in (module.to_q, module.to_kv, module.to_out):
+            init.normal_(linear.weight, mean=0.0, std=linear.in_features**-0.5)
+    elif isinstance(module, PerceiverResampler):
+        init.normal_(module.latents, mean=0.0, std=std)
     elif isinstance(module, GatedCrossAttentionBlock):
         init.zeros_(module.attn_gate)
         init.zeros_(module.ff_gate)
@@ -401,7 +422,10 @@ def _init_new_parts(module: nn.Module, std: float) -> None:
 
 # Names of the trainable parts VisInContext places inside the language model (also PEFT `modules_to_save`).
 NEW_PARTS_INSIDE_LANGUAGE_MODEL = (".gated_cross_attention.", ".media_embedding.", ".media_head.")
-NEW_MODULES = ("image_resampler", "context_resampler", "gated_cross_attention", "media_embedding", "media_head", "contrastive_head")
+NEW_MODULES = (
+    "image_resampler", "context_resampler", "gated_cross_attention", "media_embedding", "media_head", "contrastive_head",
+    "reading_head",
+)
 
 
 class VisInContextPreTrainedModel(PreTrainedModel):
@@ -429,6 +453,28 @@ class VisInContextPreTrainedModel(PreTrainedModel):
         old_lm_head.out_features = resized.out_features
         old_lm_head.output_vocab_size = max(resized.out_features, max(old_lm_head.media_token_ids) + 1)
         return old_lm_head
+
+    # Modules bitsandbytes leaves unquantised whatever a `BitsAndBytesConfig` says (patterns as in its
+    # `llm_int8_skip_modules`): the parts VisInContext trains, the vision tower (QLoRA quantises the language model
+    # body only) and the LM head, which carries the media-token rows.
+    modules_not_to_quantize = tuple(rf".*{name}" for name in ("vision_tower", *NEW_MODULES, "lm_head"))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus: the backbones come back frozen as the config says (loading makes
+        new parameters, all trainable), and a `BitsAndBytesConfig` also skips `modules_not_to_quantize`."""
+        from transformers import BitsAndBytesConfig
+
+        quantization = kwargs.get("quantization_config")
+        if isinstance(quantization, BitsAndBytesConfig):
+            quantization = copy.deepcopy(quantization)
+            skipped = list(quantization.llm_int8_skip_modules or [])
+            quantization.llm_int8_skip_modules = skipped + [m for m in cls.modules_not_to_quantize if m not in skipped]
+            kwargs["quantization_config"] = quantization
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
+        model._freeze_backbones()
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers writes the `auto_map` entry of the saved class only; remote code needs all of them
@@ -459,7 +505,7 @@ class VisInContextPreTrainedModel(PreTrainedModel):
         std = getattr(self.config.text_config, "initializer_range", 0.02)
         with torch.no_grad():
             for module in self.modules():
-                if isinstance(module, GatedCrossAttentionBlock):
+                if isinstance(module, (GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverAttention)):
                     _init_new_parts(module, std)
 
     def _freeze_backbones(self) -> None:
@@ -655,27 +701,56 @@ class VisInContextModel(VisInContextPreTrainedModel):
             chunk_ids = chunk_ids + past_chunk_ids[:, None]
         return chunk_ids
 
-    def _validate(self, input_ids, inputs_embeds, pixel_values, image_mask, context_pixel_values, context_mask, image_latents_mask):
+    def _validate(
+        self, input_ids, inputs_embeds, attention_mask, cache, pixel_values, image_mask, context_pixel_values,
+        context_mask, image_latents_mask,
+    ) -> tuple[torch.BoolTensor | None, torch.BoolTensor | None, torch.BoolTensor | None]:
+        """Checks the inputs' shapes and values, naming the argument. Returns the three media masks as booleans."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids: pass exactly one of input_ids or inputs_embeds")
         _check_rank("input_ids", input_ids, "(batch, sequence)", 2)
         _check_rank("inputs_embeds", inputs_embeds, "(batch, sequence, hidden)", 3)
-        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-        _check_rank("pixel_values", pixel_values, "(batch, images, 3, height, width)", 5)
-        _check_rank("context_pixel_values", context_pixel_values, "(batch, pages, 3, height, width)", 5)
-        for name, tensor, rank in (("image_mask", image_mask, 2), ("context_mask", context_mask, 2), ("image_latents_mask", image_latents_mask, 2)):
-            _check_rank(name, tensor, "(batch, media)", rank)
-        for name, tensor in (
-            ("pixel_values", pixel_values), ("image_mask", image_mask), ("context_pixel_values", context_pixel_values),
-            ("context_mask", context_mask), ("image_latents_mask", image_latents_mask),
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        batch_size, length = tokens.shape[:2]
+        if length == 0:
+            raise ValueError(f"{'input_ids' if input_ids is not None else 'inputs_embeds'}: expected at least one token, "
+                             f"got an empty sequence {tuple(tokens.shape)}")
+        if inputs_embeds is not None and inputs_embeds.shape[-1] != self.config.text_config.hidden_size:
+            raise ValueError(f"inputs_embeds: expected hidden size {self.config.text_config.hidden_size}, "
+                             f"got {inputs_embeds.shape[-1]}")
+        if input_ids is not None and input_ids.device.type != "meta":  # data-dependent: not on the meta device
+            vocab_size, media = self.config.text_config.vocab_size, list(self.config.media_token_ids)
+            invalid = (input_ids < 0) | ((input_ids >= vocab_size) & ~torch.isin(input_ids, input_ids.new_tensor(media)))
+            if invalid.any():
+                raise ValueError(
+                    f"input_ids: ids {sorted(set(input_ids[invalid].tolist()))[:10]} are not in the vocabulary "
+                    f"(0 to {vocab_size - 1}, and the media tokens {media})"
+                )
+        if attention_mask is not None and attention_mask.ndim == 2:
+            past = cache.get_seq_length() if cache is not None else 0
+            if tuple(attention_mask.shape) != (batch_size, past + length):
+                raise ValueError(f"attention_mask: expected shape {(batch_size, past + length)} (the batch and the "
+                                 f"{past} cached + {length} new tokens), got {tuple(attention_mask.shape)}")
+        vision = self.config.vision_config
+        image_size, channels = vision.image_size, getattr(vision, "num_channels", 3)
+        checked = {}
+        for values, mask, names in (
+            (pixel_values, image_mask, ("pixel_values", "image_mask", "images")),
+            (context_pixel_values, context_mask, ("context_pixel_values", "context_mask", "pages")),
         ):
-            _check_batch(name, tensor, batch_size)
-        for values, mask, names in ((pixel_values, image_mask, ("pixel_values", "image_mask")), (context_pixel_values, context_mask, ("context_pixel_values", "context_mask"))):
-            if mask is not None and (values is None or mask.shape != values.shape[:2]):
-                got = None if values is None else tuple(values.shape[:2])
-                raise ValueError(f"{names[1]}: expected shape {got} (the first two dims of {names[0]}), got {tuple(mask.shape)}")
-        if image_latents_mask is not None and (pixel_values is None or image_latents_mask.shape != pixel_values.shape[:2]):
-            raise ValueError("image_latents_mask: expected shape (batch, images) matching pixel_values")
+            name, mask_name, kind = names
+            expected = f"(batch, {kind}, {channels}, {image_size}, {image_size})"
+            if values is not None:
+                if values.ndim != 5 or values.shape[0] != batch_size or tuple(values.shape[2:]) != (channels, image_size, image_size):
+                    hint = " (channels last? expected channels first)" if values.ndim == 5 and values.shape[-1] == channels else ""
+                    raise ValueError(f"{name}: expected {expected} with batch {batch_size}, got {tuple(values.shape)}{hint}")
+                if not values.is_floating_point():
+                    raise TypeError(f"{name}: expected a float tensor (normalised pixels), got {values.dtype}")
+            checked[mask_name] = _bool_mask(mask_name, mask, None if values is None else values.shape[:2], name)
+        checked["image_latents_mask"] = _bool_mask(
+            "image_latents_mask", image_latents_mask, None if pixel_values is None else pixel_values.shape[:2], "pixel_values"
+        )
+        return checked["image_mask"], checked["context_mask"], checked["image_latents_mask"]
 
     @can_return_tuple
     def forward(
@@ -712,7 +787,10 @@ class VisInContextModel(VisInContextPreTrainedModel):
         cache: the KV cache (`past_key_values` before transformers 5.24; either name is accepted).
         """
         cache = _one_cache(cache, past_key_values)
-        self._validate(input_ids, inputs_embeds, pixel_values, image_mask, context_pixel_values, context_mask, image_latents_mask)
+        image_mask, context_mask, image_latents_mask = self._validate(
+            input_ids, inputs_embeds, attention_mask, cache, pixel_values, image_mask, context_pixel_values, context_mask,
+            image_latents_mask,
+        )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         chunk_ids = self._chunk_ids(input_ids, inputs_embeds, past_chunk_ids)
@@ -744,7 +822,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
                 image_mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
             if context_pixel_values is not None and context_mask is None:
                 context_mask = torch.ones(context_pixel_values.shape[:2], dtype=torch.bool, device=context_pixel_values.device)
-            image_valid = image_mask if image_latents_mask is None else image_mask & image_latents_mask.bool()
+            image_valid = image_mask if image_latents_mask is None else image_mask & image_latents_mask
             media_latents, media_latents_mask = self.fuse_media(image_latents, image_valid, context_latents, context_mask)
 
         media_attention_mask = None
@@ -785,6 +863,11 @@ class VisInContextModel(VisInContextPreTrainedModel):
 class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, GenerationMixin):
     """VisInContext with a language-modeling head, the contrastive loss and `generate`."""
 
+    # `loss` sums per-batch means (LM and contrastive): Trainer must not pass `num_items_in_batch`, which would
+    # normalise the LM term over all processes and accumulation steps and then scale the whole loss (the contrastive
+    # term too) back up by the number of processes.
+    accepts_loss_kwargs = False
+
     _tied_weights_keys = {
         "lm_head.weight": "model.language_model.embed_tokens.weight",
         "lm_head.media_head.weight": "model.language_model.embed_tokens.media_embedding.weight",
@@ -808,6 +891,11 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         if language_model is not None:
             self.lm_head.weight = language_model.get_output_embeddings().weight
         self.contrastive_head = TextCentricContrastiveHead(config)
+        # reading objective: each context latent spells out the characters of its page cells
+        self.reading_head = (
+            nn.Linear(config.vision_config.hidden_size, config.reading_cells_per_latent * READING_CLASSES)
+            if config.reading_loss_weight > 0 else None
+        )
         self.post_init()
         self._freeze_backbones()
 
@@ -837,10 +925,14 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
 
         context_latents: (B, P, L, D); context_mask: (B, P); context_input_ids / context_attention_mask: (B, S).
         The LM reads the context tokens without gradient: its body is frozen, and this keeps the loss cheap.
+        InfoNCE needs a pair and a negative: with fewer than two such samples in the batch the loss is 0 (the value
+        it takes for one pair), so batches of single-text documents train on the LM loss alone.
         """
         if context_attention_mask is None:
             context_attention_mask = torch.ones_like(context_input_ids)
         has_both = context_mask.any(dim=1) & context_attention_mask.bool().any(dim=1)
+        if int(has_both.sum()) < 2:
+            return context_latents.new_zeros(())
         layer = self.config.contrastive_text_layer
         if layer is None:
             layer = self.config.text_config.num_hidden_layers // 2
@@ -854,6 +946,18 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         context_embeds = head.embed_context(context_latents[has_both], context_mask[has_both])
         text_embeds = head.embed_text(hidden_states.to(context_embeds.dtype), context_attention_mask[has_both])
         return head(context_embeds, text_embeds)
+
+    def reading_loss(self, context_latents: torch.Tensor, targets: torch.LongTensor) -> torch.Tensor:
+        """context_latents: (B, P, L, D); targets: (B, P, L, K) reading classes, -100 to ignore -> cross-entropy."""
+        if tuple(targets.shape[:3]) != tuple(context_latents.shape[:3]) or targets.shape[3] != self.config.reading_cells_per_latent:
+            raise ValueError(
+                f"context_reading_targets: expected shape {(*context_latents.shape[:3], self.config.reading_cells_per_latent)} "
+                f"(batch, pages, latents, reading_cells_per_latent), got {tuple(targets.shape)}"
+            )
+        logits = self.reading_head(context_latents).unflatten(-1, (targets.shape[-1], READING_CLASSES))
+        if not (targets != -100).any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
 
     @can_return_tuple
     def forward(
@@ -870,6 +974,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         image_latents_mask: torch.BoolTensor | None = None,
         context_input_ids: torch.LongTensor | None = None,
         context_attention_mask: torch.Tensor | None = None,
+        context_reading_targets: torch.LongTensor | None = None,
         media_latents: torch.FloatTensor | None = None,
         media_latents_mask: torch.BoolTensor | None = None,
         media_key_values: tuple | None = None,
@@ -885,8 +990,20 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         See `VisInContextModel.forward` for the media inputs. Also:
         context_input_ids / context_attention_mask (`(B, S)`): the rendered context as tokens, for the
             contrastive loss (pretraining only).
+        context_reading_targets (`(B, P, L, reading_cells_per_latent)`): the reading objective's targets
+            (`VisInContextProcessor.reading_targets`), -100 to ignore; used when `config.reading_loss_weight > 0`.
         labels (`(B, T)`): next-token targets aligned with `input_ids` (shifted inside), -100 to ignore.
         """
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and tokens is not None and tuple(labels.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(f"labels: expected shape {tuple(tokens.shape[:2])} like input_ids, got {tuple(labels.shape)}")
+        if context_input_ids is not None:
+            if context_input_ids.ndim != 2 or (tokens is not None and context_input_ids.shape[0] != tokens.shape[0]):
+                raise ValueError(f"context_input_ids: expected (batch, sequence) with the batch of input_ids, "
+                                 f"got {tuple(context_input_ids.shape)}")
+            if context_attention_mask is not None and context_attention_mask.shape != context_input_ids.shape:
+                raise ValueError(f"context_attention_mask: expected shape {tuple(context_input_ids.shape)} like "
+                                 f"context_input_ids, got {tuple(context_attention_mask.shape)}")
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -910,7 +1027,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
-        lm_loss = contrastive_loss = loss = None
+        lm_loss = contrastive_loss = reading_loss = loss = None
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.output_vocab_size, **kwargs)
             loss = lm_loss
@@ -921,11 +1038,16 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             if self.config.contrastive_loss_weight:
                 weighted = self.config.contrastive_loss_weight * contrastive_loss
                 loss = weighted if loss is None else loss + weighted
+        if context_reading_targets is not None and self.reading_head is not None and outputs.context_latents is not None:
+            reading_loss = self.reading_loss(outputs.context_latents, context_reading_targets)
+            weighted = self.config.reading_loss_weight * reading_loss
+            loss = weighted if loss is None else loss + weighted
 
         return VisInContextCausalLMOutputWithPast(
             loss=loss,
             lm_loss=lm_loss,
             contrastive_loss=contrastive_loss,
+            reading_loss=reading_loss,
             logits=logits,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
@@ -1029,6 +1151,10 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         )
         # built around the loaded modules (as transformers' EncoderDecoderModel is): no weights are copied or renamed
         model = cls(config, vision_tower=vision_tower, language_model=causal_lm).to(causal_lm.dtype)
+        # generation follows the LM's own generation_config.json (its eos, sampling defaults), padded with the tokenizer's
+        model.generation_config = copy.deepcopy(causal_lm.generation_config)
+        if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
         model._freeze_backbones()
         return model
 

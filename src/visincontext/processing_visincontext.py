@@ -14,7 +14,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
 from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
-from .rendering_visincontext import TextRenderer
+from .rendering_visincontext import TextRenderer, reading_targets
 
 FONT_SETTINGS = ("font_path", "fallback_font_paths")
 FONT_LICENCE = "LICENSE-DejaVu.txt"
@@ -35,6 +35,7 @@ class VisInContextProcessorKwargs(ProcessingKwargs, total=False):
     """Per-call options besides the tokenizer's and image processor's own."""
 
     return_context_ids: bool
+    reading_layout: tuple[int, int] | None
 
 
 class VisInContextProcessor(ProcessorMixin):
@@ -212,15 +213,29 @@ class VisInContextProcessor(ProcessorMixin):
                 raise TypeError(f"context: expected a string or None, got {type(c).__name__} at index {i}")
         return texts, per_sample, contexts, batched
 
+    def render(self, context: str):
+        """One context as this processor renders it: its renderer, with its `max_pages` and `overflow`."""
+        return self.renderer.render(context, max_pages=self.max_pages, overflow=self.overflow)
+
     def render_context(self, contexts: list[str | None]):
         """Renders each context (at most `self.max_pages` pages, `self.overflow` beyond). Returns `(pages
         (B, P, 3, H, W) float, mask (B, P) bool, kept texts)`, pages normalised like the image processor's images."""
-        rendered = [
-            None if c is None else self.renderer.render(c, max_pages=self.max_pages, overflow=self.overflow) for c in contexts
-        ]
+        rendered = [None if c is None else self.render(c) for c in contexts]
         kept = [r.text[r.spans[0][0] : r.spans[-1][1]] if r is not None and len(r) else "" for r in rendered]
         pixels, mask = self.pages_to_pixel_values([None if r is None else r.pages for r in rendered])
-        return pixels, mask, kept
+        return pixels, mask, kept, [None if r is None else r.cells for r in rendered]
+
+    @staticmethod
+    def reading_targets(cells: list, num_latents: int, cells_per_latent: int) -> torch.Tensor:
+        """Cells per sample (`(P, rows, columns)` codepoints from `RenderedText.cells`, or None) -> `(B, P,
+        num_latents, cells_per_latent)` reading targets (`rendering_visincontext.reading_targets`), -100 on padded
+        pages: the targets of the model's reading objective (`config.reading_loss_weight`)."""
+        counts = [0 if c is None else len(c) for c in cells]
+        targets = torch.full((len(cells), max(counts + [0]), num_latents, cells_per_latent), -100, dtype=torch.long)
+        for i, sample in enumerate(cells):
+            if counts[i]:
+                targets[i, : counts[i]] = torch.from_numpy(reading_targets(sample, num_latents, cells_per_latent))
+        return targets
 
     def pages_to_pixel_values(self, pages: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Rendered pages per sample (`(P, H, W)` uint8 arrays, or None) -> padded `(B, P, 3, H, W)` pixel values
@@ -269,8 +284,16 @@ class VisInContextProcessor(ProcessorMixin):
         options = self._merge_kwargs(VisInContextProcessorKwargs, **kwargs)
         return_tensors = kwargs.pop("return_tensors", None) or options["text_kwargs"].get("return_tensors") or "pt"
         kwargs.pop("return_context_ids", None)
+        kwargs.pop("reading_layout", None)
+        # The padding side is passed explicitly: a tokenizer saved after right-padded training batches keeps
+        # "right" in its files, and would otherwise win over this processor's left-padding default.
+        padding_side = options["text_kwargs"].get("padding_side") or "left"
+        kwargs.pop("padding_side", None)
+        if isinstance(kwargs.get("text_kwargs"), dict):
+            kwargs["text_kwargs"] = {k: v for k, v in kwargs["text_kwargs"].items() if k != "padding_side"}
         flat_images = [image for sample in per_sample for image in sample]
-        data = dict(super().__call__(images=flat_images or None, text=texts, return_tensors="pt", **kwargs))
+        data = dict(super().__call__(images=flat_images or None, text=texts, return_tensors="pt", padding_side=padding_side,
+                                     **kwargs))
 
         height, width = self.renderer.page_height, self.renderer.page_width
         flat_pixels = data.pop("pixel_values", torch.zeros(0, 3, height, width))
@@ -282,8 +305,10 @@ class VisInContextProcessor(ProcessorMixin):
             pixel_values[i, : len(sample)] = flat_pixels[start : start + len(sample)]
             image_mask[i, : len(sample)] = True
             start += len(sample)
-        pages, context_mask, kept = self.render_context(contexts)
+        pages, context_mask, kept, cells = self.render_context(contexts)
         data.update(pixel_values=pixel_values, image_mask=image_mask, context_pixel_values=pages, context_mask=context_mask)
+        if options.get("reading_layout"):
+            data["context_reading_targets"] = self.reading_targets(cells, *options["reading_layout"])
         if options.get("return_context_ids"):
             tokens = self.tokenizer(kept, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
             data.update(context_input_ids=tokens["input_ids"], context_attention_mask=tokens["attention_mask"])

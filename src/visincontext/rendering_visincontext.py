@@ -103,6 +103,33 @@ def normalize_text(text: str, tab_size: int = 4) -> str:
     return _CONTROL.sub("", text)
 
 
+# Reading targets: what each cell of a page shows, as one of 96 classes, for the model's reading objective.
+READING_CLASSES = 96  # 0: blank (an empty cell or a space), 1: a character outside printable ASCII, 2-95: "!" to "~"
+
+
+def reading_classes(cells: np.ndarray) -> np.ndarray:
+    """Codepoints (any shape, 0 for an empty cell) -> reading classes of the same shape."""
+    cells = np.asarray(cells)
+    printable = (cells >= 0x21) & (cells <= 0x7E)
+    return np.where((cells == 0) | (cells == 0x20), 0, np.where(printable, cells - 0x21 + 2, 1)).astype(np.int64)
+
+
+def reading_targets(cells: np.ndarray, num_latents: int, cells_per_latent: int) -> np.ndarray:
+    """`(pages, rows, columns)` cell codepoints -> `(pages, num_latents, cells_per_latent)` reading classes.
+
+    Latent i of a page reads the i-th run of `cells_per_latent` cells of the page in reading order (row by row,
+    left to right); cells past `num_latents * cells_per_latent` have no latent to read them, and latents past the
+    page's last cell read blanks. Works for any page geometry and number of latents.
+    """
+    for name, value in (("num_latents", num_latents), ("cells_per_latent", cells_per_latent)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    flat = np.asarray(cells).reshape(len(cells), -1)
+    size = num_latents * cells_per_latent
+    flat = np.pad(flat, ((0, 0), (0, max(0, size - flat.shape[1]))))[:, :size]
+    return reading_classes(flat).reshape(len(cells), num_latents, cells_per_latent)
+
+
 @dataclass
 class RenderedText:
     """What `TextRenderer.render` returns.
@@ -110,6 +137,8 @@ class RenderedText:
     pages: `(pages, height, width)` uint8, black text on white.
     spans: one `(start, end)` per page: the slice of `text` that the page holds.
     text: the normalised input that `spans` index into.
+    cells: `(pages, rows, columns)` int32, the codepoint of the character each cell of the grid shows (0: blank):
+        the page's layout, from which reading targets are made (`reading_targets`).
     truncated: whether text was cut to respect `max_pages`; `dropped` says which end was cut.
     replaced: characters drawn as the replacement box (in no available font).
     """
@@ -117,6 +146,7 @@ class RenderedText:
     pages: np.ndarray
     spans: list[tuple[int, int]]
     text: str
+    cells: np.ndarray | None = None
     truncated: bool = False
     dropped: str | None = None
     replaced: int = 0
@@ -346,10 +376,14 @@ class TextRenderer:
             start = owned_end
         return rows
 
-    def _draw_pages(self, ids: np.ndarray, opens_cell: np.ndarray, pages_rows: list[list[tuple[int, int, int]]]):
-        """Draws all pages with one gather from the glyph atlas. Returns (pages, replacement boxes drawn)."""
+    def _draw_pages(self, text: str, ids: np.ndarray, opens_cell: np.ndarray, pages_rows: list[list[tuple[int, int, int]]]):
+        """Draws all pages with one gather from the glyph atlas. Returns (pages, cells, replacement boxes drawn):
+        `cells` (pages, rows, columns) holds the codepoint of the character each cell shows (its base character;
+        0 for a blank cell)."""
         num_pages, columns = len(pages_rows), self.columns
         cell_ids = np.concatenate([ids[opens_cell], np.full(columns, BLANK_GLYPH, np.int32)])
+        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int32)
+        cell_codepoints = np.concatenate([codepoints[opens_cell], np.zeros(columns, np.int32)])
         cells_before = np.concatenate([[0], np.cumsum(opens_cell)])
         starts = np.zeros((num_pages, self.rows_per_page), dtype=np.int64)
         lengths = np.zeros((num_pages, self.rows_per_page), dtype=np.int64)
@@ -358,7 +392,9 @@ class TextRenderer:
             starts[p, : len(rows)] = cells_before[bounds[:, 0]]
             lengths[p, : len(rows)] = cells_before[bounds[:, 1]] - cells_before[bounds[:, 0]]
         offsets = np.arange(columns)
-        grid = np.where(offsets < lengths[..., None], cell_ids[starts[..., None] + offsets], BLANK_GLYPH)
+        visible = offsets < lengths[..., None]
+        grid = np.where(visible, cell_ids[starts[..., None] + offsets], BLANK_GLYPH)
+        cells = np.where(visible, cell_codepoints[starts[..., None] + offsets], 0).astype(np.int32)
         # Each glyph row (cell_width bytes) is one opaque element, so the gather lays out pixel rows directly:
         # (pages, rows, line_height, columns) elements == (pages, rows * line_height, columns * cell_width) bytes.
         glyph_rows = self._atlas_array.view(np.dtype((np.void, self.cell_width)))[..., 0]  # (glyphs, line_height)
@@ -370,7 +406,7 @@ class TextRenderer:
         else:
             pages = np.full((num_pages, self.page_height, self.page_width), 255, dtype=np.uint8)
             pages[:, :height, self.margin : self.margin + width] = body
-        return pages, int((grid == REPLACEMENT_GLYPH).sum())
+        return pages, cells, int((grid == REPLACEMENT_GLYPH).sum())
 
     # ---- public API ------------------------------------------------------------------------------
 
@@ -402,9 +438,9 @@ class TextRenderer:
             else:
                 pages_rows, dropped = pages_rows[-max_pages:], "start"
         spans = [(page[0][0], page[-1][1]) for page in pages_rows]
-        pages, replaced = self._draw_pages(ids, opens_cell, pages_rows)
+        pages, cells, replaced = self._draw_pages(text, ids, opens_cell, pages_rows)
         return RenderedText(
-            pages=pages, spans=spans, text=text, truncated=truncated, dropped=dropped,
+            pages=pages, spans=spans, text=text, cells=cells, truncated=truncated, dropped=dropped,
             replaced=replaced, dropped_pages=dropped_pages,
         )
 

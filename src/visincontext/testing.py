@@ -14,6 +14,7 @@ from .configuration_visincontext import VisInContextConfig
 from .modeling_visincontext import VisInContextForConditionalGeneration
 
 VOCAB = 259  # 256 byte tokens + <s>, </s>, <pad> (see tiny_tokenizer)
+BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 IMAGE_ID, EOC_ID = VOCAB, VOCAB + 1
 IMAGE_SIZE = 32
 
@@ -30,6 +31,7 @@ def tiny_tokenizer():
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     assert len(tokenizer) == VOCAB, len(tokenizer)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (BOS_ID, EOS_ID, PAD_ID)
     return tokenizer
 
 
@@ -44,7 +46,7 @@ def vision_config(kind: str = "clip", image_size: int = IMAGE_SIZE, hidden_size:
 def text_config(kind: str = "llama", hidden_size: int = 32):
     common = dict(
         hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB,
+        num_key_value_heads=2, vocab_size=VOCAB, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
     )
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind](**common)
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from .data import ROW_KINDS, VisInContextCollator, format_dataset, prerender, split_for_this_process
+from .data import ROW_KINDS, VisInContextCollator, format_dataset, prerender
 from .modeling_visincontext import NEW_MODULES, VisInContextForConditionalGeneration
 from .processing_visincontext import VisInContextProcessor
 
@@ -25,6 +25,9 @@ class ModelArguments:
     cross_attention_every: int = field(default=4, metadata={"help": "A cross-attention block before every N-th LM layer."})
     num_latents: int = field(default=64, metadata={"help": "Resampler latents per image or page."})
     freeze_language_model: bool = field(default=True, metadata={"help": "Keep the LM body frozen (the paper's setup)."})
+    reading_loss_weight: float | None = field(default=None, metadata={
+        "help": "Weight of the reading objective (each context latent spells out its page cells); 0 turns it off. "
+                "Default: the model's own setting (off for a new model)."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LM (0: no LoRA)."})
     lora_alpha: int = field(default=16)
     lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated LM module names for LoRA."})
@@ -50,20 +53,66 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for --prerender."})
 
 
+LOSS_PARTS = ("lm_loss", "contrastive_loss", "reading_loss")
+
+
+class _CollatorEpoch(TrainerCallback):
+    """Tells the collator the epoch at its start, so that token masking draws new masks each epoch."""
+
+    def __init__(self, trainer: "VisInContextTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.trainer.data_collator, "epoch"):
+            self.trainer.data_collator.epoch = int(state.epoch or 0)
+
+
 class VisInContextTrainer(Trainer):
-    """A `Trainer` that also logs the averages of `lm_loss` and `contrastive_loss` since the last log."""
+    """A `Trainer` that also logs the parts of the loss (`lm_loss`, `contrastive_loss`, and `eval_lm_loss`, ...
+    after evaluation), each averaged like `loss` itself: over every micro-batch since the last log, on every process.
+    So the logged `loss` is `lm_loss + contrastive_loss_weight * contrastive_loss` of the logged parts."""
+
+    loss_parts: tuple[str, ...] = LOSS_PARTS
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._loss_parts: dict[str, list[float]] = {"lm_loss": [], "contrastive_loss": []}
+        self._part_sums = {mode: {name: [0.0, 0] for name in self.loss_parts} for mode in ("train", "eval")}
+        self.add_callback(_CollatorEpoch(self))
+
+    def record_loss_parts(self, outputs, training: bool) -> None:
+        sums = self._part_sums["train" if training else "eval"]
+        for name in self.loss_parts:
+            value = outputs.get(name) if hasattr(outputs, "get") else None
+            if value is not None:
+                sums[name][0] += value.detach().float().item()
+                sums[name][1] += 1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        for name, values in self._loss_parts.items():
-            value = outputs.get(name) if hasattr(outputs, "get") else None
-            if value is not None and model.training:
-                values.append(value.detach().float().item())
+        self.record_loss_parts(outputs, training=model.training)
         return (loss, outputs) if return_outputs else loss
+
+    def _averaged_parts(self, mode: str) -> dict[str, float]:
+        """The parts' means over all processes (a collective: every process calls it at the same point), reset."""
+        sums = self._part_sums[mode]
+        totals = torch.tensor([value for name in self.loss_parts for value in sums[name]], dtype=torch.float64,
+                              device=self.args.device)
+        totals = self.accelerator.reduce(totals, reduction="sum") if self.accelerator.num_processes > 1 else totals
+        for name in self.loss_parts:
+            sums[name] = [0.0, 0]
+        pairs = totals.view(-1, 2).tolist()
+        return {name: round(total / count, 4) for name, (total, count) in zip(self.loss_parts, pairs) if count}
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:
+            logs.update(self._averaged_parts("train"))
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output.metrics.update({f"{prefix}_{name}": value for name, value in self._averaged_parts("eval").items()})
+        return output
 
     def create_model_card(self, *args, **kwargs) -> None:
         """`push_to_hub` writes the VisInContext card (hub_cards/model_card.md) with this run's arguments."""
@@ -78,14 +127,6 @@ class VisInContextTrainer(Trainer):
         card = build_model_card(model, processor, repo_id=repo_id, training_args=self.args, datasets=kwargs.get("dataset_tags"))
         card.save(os.path.join(self.args.output_dir, "README.md"))
 
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        if "loss" in logs:
-            for name, values in self._loss_parts.items():
-                if values:
-                    logs[name] = round(sum(values) / len(values), 4)
-                    values.clear()
-        super().log(logs, *args, **kwargs)
-
 
 def tiny_model_and_processor(args: ModelArguments):
     """The offline default: a small random model (64-px pages, 8-px rows) and the byte-level tokenizer. Its LM
@@ -95,19 +136,20 @@ def tiny_model_and_processor(args: ModelArguments):
     torch.manual_seed(0)
     vision = vision_config(image_size=64, hidden_size=64)
     text = text_config(hidden_size=64)
-    config = tiny_config(vision_config=vision, text_config=text, num_latents=min(args.num_latents, 16), freeze_language_model=False)
-    config._attn_implementation = args.attn_implementation
-    return VisInContextForConditionalGeneration(config), tiny_processor(image_size=64, line_height=8)
+    reading = {} if args.reading_loss_weight is None else {"reading_loss_weight": args.reading_loss_weight}
+    config = tiny_config(vision_config=vision, text_config=text, num_latents=min(args.num_latents, 16),
+                         freeze_language_model=False, **reading)
+    model = VisInContextForConditionalGeneration(config)
+    model.set_attn_implementation(args.attn_implementation)
+    return model, tiny_processor(image_size=64, line_height=8)
 
 
 def quantization_config():
+    """4-bit NF4 (QLoRA). The model keeps its new parts, vision tower and head unquantised by itself
+    (`modules_not_to_quantize`), whatever `BitsAndBytesConfig` it is given."""
     from transformers import BitsAndBytesConfig
 
-    # Only the language model body is quantised; new parts train in full precision.
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-        llm_int8_skip_modules=[rf".*{name}" for name in (*NEW_MODULES, "vision_tower")] + ["lm_head"],
-    )
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
 
 
 def build_model_and_processor(args: ModelArguments, data_args: DataArguments):
@@ -115,14 +157,19 @@ def build_model_and_processor(args: ModelArguments, data_args: DataArguments):
         raise ValueError("load_in_4bit: QLoRA trains LoRA adapters; also pass --lora_r")
     if args.model_name_or_path:
         extra = {"quantization_config": quantization_config(), "device_map": {"": "cpu" if not torch.cuda.is_available() else 0}} if args.load_in_4bit else {}
+        # a local folder by its absolute path: adapters saved later record it as their base model
+        source = os.path.abspath(args.model_name_or_path) if os.path.isdir(args.model_name_or_path) else args.model_name_or_path
+        if args.reading_loss_weight is not None:
+            extra["reading_loss_weight"] = args.reading_loss_weight
         model = VisInContextForConditionalGeneration.from_pretrained(
-            args.model_name_or_path, attn_implementation=args.attn_implementation, **extra
+            source, attn_implementation=args.attn_implementation, **extra
         )
-        processor = VisInContextProcessor.from_pretrained(args.model_name_or_path)
+        processor = VisInContextProcessor.from_pretrained(source)
     elif args.vision_model and args.language_model:
         model = VisInContextForConditionalGeneration.from_backbones(
             vision_model=args.vision_model, language_model=args.language_model,
             cross_attention_every=args.cross_attention_every, num_latents=args.num_latents,
+            **({} if args.reading_loss_weight is None else {"reading_loss_weight": args.reading_loss_weight}),
             freeze_language_model=args.freeze_language_model,
         )
         model.set_attn_implementation(args.attn_implementation)
@@ -130,6 +177,8 @@ def build_model_and_processor(args: ModelArguments, data_args: DataArguments):
     elif args.vision_model or args.language_model:
         raise ValueError("vision_model / language_model: pass both to build a new model, or --model_name_or_path")
     else:
+        logger.warning("no --model_name_or_path or --vision_model/--language_model: training the offline default, a "
+                       "small random model (visincontext.training.tiny_model_and_processor)")
         model, processor = tiny_model_and_processor(args)
     processor.max_pages = data_args.max_pages
     if args.lora_r:
@@ -153,7 +202,9 @@ def add_lora(model, args: ModelArguments):
     return get_peft_model(model, config)
 
 
-def load_training_data(data_args: DataArguments, processor, seed: int):
+def load_training_data(data_args: DataArguments, processor, seed: int, model_config=None):
+    """The formatted training data, its collator and the bad-row counter. `model_config` (the model's
+    `VisInContextConfig`) switches on reading targets when the model trains its reading objective."""
     from datasets import load_dataset
 
     source, image_root = data_args.dataset, data_args.image_root
@@ -171,22 +222,33 @@ def load_training_data(data_args: DataArguments, processor, seed: int):
         raise ValueError(f"dataset: no file or folder at {source!r}")
     else:  # a Hub id
         dataset = load_dataset(source, data_args.dataset_config, split=data_args.split, streaming=data_args.streaming)
-    if data_args.streaming:
-        if data_args.prerender:
-            raise ValueError("prerender: renders a whole data set ahead of time; not with --streaming (render on the fly)")
-        dataset = split_for_this_process(dataset)
-    elif data_args.prerender:
+    if data_args.streaming and data_args.prerender:
+        raise ValueError("prerender: renders a whole data set ahead of time; not with --streaming (render on the fly)")
+    if data_args.prerender:
         dataset = prerender(dataset, data_args.data_format, processor, num_proc=data_args.preprocessing_num_workers,
-                            context_fraction=data_args.context_fraction, max_images=data_args.max_images, image_root=image_root)
+                            skip_bad_rows=data_args.skip_bad_rows, context_fraction=data_args.context_fraction,
+                            max_images=data_args.max_images, image_root=image_root)
     formatted, bad_rows = format_dataset(
         dataset, data_args.data_format, skip_bad_rows=data_args.skip_bad_rows, context_fraction=data_args.context_fraction,
         max_images=data_args.max_images, image_root=image_root,
     )
+    reading = model_config is not None and model_config.reading_loss_weight > 0
     collator = VisInContextCollator(
         processor, token_mask_prob=data_args.token_mask_prob, seed=seed, return_context_ids=data_args.contrastive,
         max_length=data_args.max_length,
+        reading_layout=(model_config.num_latents, model_config.reading_cells_per_latent) if reading else None,
     )
     return formatted, collator, bad_rows
+
+
+def _save_without_pickle(trainer: Trainer, output_dir: str) -> None:
+    """`Trainer.save_model` (it gathers ZeRO-3 weights), with the run's arguments as `training_args.json` instead of
+    the pickled `training_args.bin` it writes: a saved model folder holds no pickle."""
+    trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        pickled = Path(output_dir) / "training_args.bin"
+        pickled.unlink(missing_ok=True)
+        (Path(output_dir) / "training_args.json").write_text(trainer.args.to_json_string())
 
 
 def save_trained(trainer: Trainer, processor, output_dir: str) -> None:
@@ -195,12 +257,12 @@ def save_trained(trainer: Trainer, processor, output_dir: str) -> None:
     `output_dir/adapter` and the merged model to `output_dir` (adapter only on a 4-bit base)."""
     model = trainer.model
     if not hasattr(model, "peft_config"):
-        trainer.save_model(output_dir)
+        _save_without_pickle(trainer, output_dir)
         if trainer.is_world_process_zero():
             processor.save_pretrained(output_dir)
         return
     adapter_dir = os.path.join(output_dir, "adapter")
-    trainer.save_model(adapter_dir)
+    _save_without_pickle(trainer, adapter_dir)
     if not trainer.is_world_process_zero():
         return
     processor.save_pretrained(adapter_dir)
@@ -218,10 +280,13 @@ def main(defaults: dict | None = None, args: list[str] | None = None) -> dict:
         parser.set_defaults(**defaults)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
     training_args.remove_unused_columns = False
-    if data_args.streaming:  # every process streams its own rows (split_for_this_process): no dispatch from rank 0
+    if data_args.streaming:
+        # every process reads its own part of the stream (accelerate shards a datasets.IterableDataset once);
+        # batches are not dispatched from process 0, which cannot send batches of different shapes
         training_args.accelerator_config.dispatch_batches = False
     model, processor = build_model_and_processor(model_args, data_args)
-    train_dataset, collator, bad_rows = load_training_data(data_args, processor, training_args.seed)
+    config = (model.base_model.model if hasattr(model, "peft_config") else model).config
+    train_dataset, collator, bad_rows = load_training_data(data_args, processor, training_args.seed, model_config=config)
     trainer = VisInContextTrainer(
         model=model, args=training_args, train_dataset=train_dataset, data_collator=collator, processing_class=processor
     )
@@ -233,4 +298,5 @@ def main(defaults: dict | None = None, args: list[str] | None = None) -> dict:
     if len(bad_rows):
         logger.warning(f"skipped {len(bad_rows)} bad rows: {sorted(bad_rows.skipped)}")
     save_trained(trainer, processor, training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the log history, beside the model
     return {**result.metrics, "skipped_rows": len(bad_rows), "log_history": trainer.state.log_history}
