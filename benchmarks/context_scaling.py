@@ -139,7 +139,7 @@ def measure(preset: str, lengths: list[int], device: str, seed: int, chars_per_t
         model = VisInContextForConditionalGeneration(config)
     model = model.to(dtype).train()
     vision = config.vision_config
-    renderer = TextRenderer.from_vision_config(vision)
+    renderer = TextRenderer(page_height=vision.image_size, page_width=vision.image_size, line_height=vision.patch_size)
     static = static_bytes(model)
     rows = []
     for length in lengths:

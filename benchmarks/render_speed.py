@@ -94,6 +94,22 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def long_context_speed(renderer: TextRenderer, characters: int = 10_000_000, max_pages: int = 8) -> dict:
+    """Seconds to keep `max_pages` of a 10 MB context (one unbroken word, and prose in paragraphs), per overflow
+    policy: the renderer lays out only what it keeps, so this does not grow with the text."""
+    texts = {"one 10 MB word": "x" * characters,
+             "10 MB of prose": (SAMPLE * (characters // len(SAMPLE) // 50 + 1) + "\n") * 50}
+    timings = {}
+    for name, text in texts.items():
+        for overflow in ("keep_end", "truncate"):
+            start = time.perf_counter()
+            result = renderer.render(text[:characters], max_pages=max_pages, overflow=overflow)
+            timings[f"{name}, {overflow}"] = {"seconds": time.perf_counter() - start, "pages": len(result),
+                                              "cut_characters": result.cut_characters}
+    print(json.dumps(timings, indent=2))
+    return {"characters": characters, "max_pages": max_pages, "timings": timings}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=400, help="pages of text to render")
@@ -118,6 +134,7 @@ def main() -> None:
         "speedup": (ours_pages / ours_seconds) / (pil_pages / pil_seconds),
     }
     result["processor"] = processor_speed()
+    result["long_context"] = long_context_speed(renderer)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2))

@@ -31,7 +31,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from visincontext.data import VisInContextCollator, format_dataset
-    from visincontext.evaluation import evaluate, get_task, load_examples, markdown_table
+    from visincontext.evaluation import evaluate, get_task, load_examples, markdown_table, model_index
     from visincontext.hub import prepare_repo
     from visincontext.training import (
         DataArguments, ModelArguments, VisInContextTrainer, build_model_and_processor, load_training_data,
@@ -70,12 +70,7 @@ def main() -> None:
     (OUTPUT / "eval.md").write_text(markdown_table(results) + "\n")
     step("4. evaluated on 48 easy-VQA test questions:\n" + markdown_table(results))
 
-    eval_results = [
-        {"task_type": task.hub_task_type, "task_name": f"easy-VQA {r.shots}-shot ({r.context_mode})",
-         "dataset_type": "easy-vqa", "dataset_name": "easy-VQA", "dataset_split": "test",
-         "metric_type": "accuracy", "metric_value": r.score}
-        for r in results
-    ]
+    eval_results = model_index(task, results, split="test", dataset_name="easy-VQA")
     hub_dir = prepare_repo(model, processor, OUTPUT / "hub", eval_results=eval_results, training_args=args,
                            repo_id="your-name/visincontext-quickstart", overwrite=True)
     step(f"5. wrote a Hub-ready folder with its model card: {hub_dir} ({len(list(hub_dir.iterdir()))} files)")

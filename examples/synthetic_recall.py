@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import CLIPVisionConfig, LlamaConfig, TrainerCallback, TrainingArguments
 
 from visincontext import VisInContextConfig, VisInContextForConditionalGeneration
@@ -43,7 +42,6 @@ GRID = PAGE_SIZE // PATCH_SIZE  # 4 x 4 patches
 CHARS_PER_PATCH = PATCH_SIZE // CELL_WIDTH  # 4: exactly one fact, "C=27"
 FACTS_PER_ROW = 2  # in patch columns 0 and 2, so that a human reader sees them apart
 FACT_COLUMNS = GRID // FACTS_PER_ROW * CHARS_PER_PATCH  # characters from one fact's start to the next's
-PAGE_CHARS = " =" + string.digits + KEYS  # what the reading loss classifies
 
 
 def is_held_out(key: str, value: int) -> bool:
@@ -67,18 +65,6 @@ def page_text(facts: list[tuple[str, str]]) -> str:
     cells = [f"{key}={value}".ljust(FACT_COLUMNS) for key, value in facts]
     rows = ["".join(cells[i : i + FACTS_PER_ROW]).rstrip() for i in range(0, len(cells), FACTS_PER_ROW)]
     return "\n".join(rows)
-
-
-def patch_characters(page: str) -> torch.Tensor:
-    """The characters each patch of `page` shows, as `PAGE_CHARS` indices: (GRID * GRID, CHARS_PER_PATCH),
-    patches in row-major order like the vision tower's."""
-    rows = (page.split("\n") + [""] * GRID)[:GRID]
-    columns = GRID * CHARS_PER_PATCH
-    grid = [row.ljust(columns) for row in rows]
-    return torch.tensor([
-        [PAGE_CHARS.index(char) for char in grid[r][c * CHARS_PER_PATCH : (c + 1) * CHARS_PER_PATCH]]
-        for r in range(GRID) for c in range(GRID)
-    ])
 
 
 def training_sample(rng: random.Random, num_facts: int, blank: bool) -> dict:
@@ -130,15 +116,6 @@ class FactStream(torch.utils.data.IterableDataset):
             yield training_sample(rng, rng.randint(1, MAX_FACTS), self.blank)
 
 
-class ReadingCollator(VisInContextCollator):
-    """The package's collator, plus each page's characters per patch (the reading loss's targets)."""
-
-    def __call__(self, samples: list[dict]) -> dict:
-        batch = super().__call__(samples)
-        batch["patch_characters"] = torch.stack([patch_characters(s["context"]) for s in samples])
-        return batch
-
-
 class HeldOutEvaluation(TrainerCallback):
     """Evaluates held-out exact match every `eval_every` steps, records the curves and stops at the time budget."""
 
@@ -146,7 +123,7 @@ class HeldOutEvaluation(TrainerCallback):
         self.model, self.processor, self.eval_samples = model, processor, eval_samples
         self.blank, self.args = blank, args
         self.digit_accuracy: list[float] = []
-        self.reading_accuracy: list[float] = []
+        self.reading_loss: list[float] = []
         self.curve: list[dict] = []
         self.start = time.time()
 
@@ -156,7 +133,7 @@ class HeldOutEvaluation(TrainerCallback):
             exact, _ = exact_match(self.model, self.processor, self.eval_samples, blank=self.blank)
             point = {"step": state.global_step, "minutes": round(minutes, 2), "held_out_exact_match": exact,
                      "train_value_digit_accuracy": round(_mean(self.digit_accuracy[-50:]), 4),
-                     "train_reading_accuracy": round(_mean(self.reading_accuracy[-50:]), 4)}
+                     "train_reading_loss": round(_mean(self.reading_loss[-50:]), 4)}
             self.curve.append(point)
             print(json.dumps(point), flush=True)
         if minutes >= self.args.minutes:
@@ -168,50 +145,30 @@ def _mean(values: list[float]) -> float:
 
 
 class RecallTrainer(VisInContextTrainer):
-    """Adds the reading loss (weighted by `reading_loss_weight`) and records training accuracies.
+    """Records the teacher-forced accuracy on the values' digits (the keys' order is random, so only values are
+    predictable) and the reading loss; the package's reading objective (`config.reading_loss_weight`) does the rest."""
 
-    The reading loss: `model.reading_head` maps context-resampler latent i to the characters of page patch i,
-    a dense, per-position transcription target that teaches each latent to hold one patch's text (the LM's
-    loss alone reaches the page only through the cross-attention, and it learns to read one fact and stops)."""
-
-    def __init__(self, *args, evaluation: HeldOutEvaluation, reading_loss_weight: float, **kwargs):
+    def __init__(self, *args, evaluation: HeldOutEvaluation, **kwargs):
         super().__init__(*args, **kwargs)
-        self.evaluation, self.reading_loss_weight = evaluation, reading_loss_weight
-        self._loss_parts["reading_loss"] = []
+        self.evaluation = evaluation
         self.digit_ids = torch.tensor(self.processing_class.tokenizer.convert_tokens_to_ids(list(string.digits)))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = inputs.pop("patch_characters")  # (B, GRID * GRID, CHARS_PER_PATCH)
-        latents = []  # the context resampler's output, caught on the way: (pages, num_latents, D), one page each
-        hook = model.model.context_resampler.register_forward_hook(lambda module, args, output: latents.append(output))
-        try:
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-        finally:
-            hook.remove()
-        if latents[0].shape[0] != targets.shape[0]:
-            raise ValueError(
-                f"context: expected one page per sample, got {latents[0].shape[0]} pages for {targets.shape[0]} samples"
-            )
-        logits = model.reading_head(latents[0][:, : targets.shape[1]]).unflatten(-1, (CHARS_PER_PATCH, len(PAGE_CHARS)))
-        reading_loss = F.cross_entropy(logits.flatten(0, 2), targets.flatten())
-        loss = loss + self.reading_loss_weight * reading_loss
-        self._loss_parts["reading_loss"].append(reading_loss.item())
-        self.evaluation.reading_accuracy.append((logits.argmax(-1) == targets).float().mean().item())
-        # teacher-forced accuracy on the values' digits (the keys' order is random, so only values are predictable)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if outputs.reading_loss is not None:
+            self.evaluation.reading_loss.append(outputs.reading_loss.item())
         predicted, labels = outputs.logits[:, :-1].argmax(-1), inputs["labels"][:, 1:]
         digits = torch.isin(labels, self.digit_ids)
         self.evaluation.digit_accuracy.append((predicted == labels)[digits].float().mean().item())
         return (loss, outputs) if return_outputs else loss
 
 
-def build_model(seed: int) -> VisInContextForConditionalGeneration:
+def build_model(seed: int, reading_loss_weight: float) -> VisInContextForConditionalGeneration:
     """Every part random and trained. Departures from the defaults, because nothing here is pretrained: the
     tanh gates start open (there is no pretrained LM to protect), and the resampler's and the
     cross-attention's projections start at std 0.1 (about 1/sqrt(width)) instead of 0.02, which at these
-    small widths leaves every attention uniform for thousands of steps. One latent per patch, and
-    `reading_head` (latent -> its patch's characters) for the reading loss."""
+    small widths leaves every attention uniform for thousands of steps. One latent per patch, and the package's
+    reading objective with 4 cells per latent: latent i spells out the 4 characters of patch i."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                               image_size=PAGE_SIZE, patch_size=PATCH_SIZE)
@@ -221,7 +178,8 @@ def build_model(seed: int) -> VisInContextForConditionalGeneration:
         vision_config=vision, text_config=text, num_latents=GRID * GRID, resampler_depth=1, resampler_num_heads=4,
         resampler_head_dim=16, cross_attention_every=1, cross_attention_num_heads=4, cross_attention_head_dim=32,
         contrastive_loss_weight=0.0, freeze_vision_tower=False, freeze_language_model=False,
-        image_token_id=IMAGE_ID, end_of_chunk_token_id=EOC_ID,
+        image_token_id=IMAGE_ID, end_of_chunk_token_id=EOC_ID, reading_loss_weight=reading_loss_weight,
+        reading_cells_per_latent=CHARS_PER_PATCH,
     )
     model = VisInContextForConditionalGeneration(config)
     with torch.no_grad():
@@ -235,7 +193,6 @@ def build_model(seed: int) -> VisInContextForConditionalGeneration:
         for layer in layers:
             layer.gated_cross_attention.attn_gate.fill_(1.0)
             layer.gated_cross_attention.ff_gate.fill_(1.0)
-    model.reading_head = torch.nn.Linear(vision.hidden_size, CHARS_PER_PATCH * len(PAGE_CHARS))
     return model
 
 
@@ -250,7 +207,7 @@ def build_processor():
 
 def train(args, blank: bool, max_steps: int) -> dict:
     torch.set_num_threads(args.threads)
-    model, processor = build_model(args.seed), build_processor()
+    model, processor = build_model(args.seed, args.reading_loss_weight), build_processor()
     evaluation = HeldOutEvaluation(model, processor, evaluation_set(args.seed + 1, args.eval_size), blank, args)
     scratch_dir = tempfile.TemporaryDirectory(prefix="synthetic_recall_")
     training_args = TrainingArguments(
@@ -260,9 +217,8 @@ def train(args, blank: bool, max_steps: int) -> dict:
         use_cpu=True, seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=args.quiet,
     )
     trainer = RecallTrainer(model=model, args=training_args, train_dataset=FactStream(args.seed, blank),
-                            data_collator=ReadingCollator(processor), processing_class=processor,
-                            callbacks=[evaluation],
-                            evaluation=evaluation, reading_loss_weight=args.reading_loss_weight)
+                            data_collator=VisInContextCollator(processor, reading_layout=(GRID * GRID, CHARS_PER_PATCH)),
+                            processing_class=processor, callbacks=[evaluation], evaluation=evaluation)
     started = time.time()
     trainer.train()
     scratch_dir.cleanup()  # nothing is checkpointed: the results are the figures below
@@ -286,9 +242,9 @@ def save_figures(results: dict, output_dir: Path, processor) -> None:
     for name, run in results["runs"].items():
         steps = [p["step"] for p in run["curve"]]
         axis.plot(steps, [100 * p["held_out_exact_match"] for p in run["curve"]], label=f"{name}: held-out exact match")
-        if not run["blank_pages"]:
-            axis.plot(steps, [100 * p["train_reading_accuracy"] for p in run["curve"]], "--", alpha=0.6,
-                      label=f"{name}: reading loss, characters right")
+        if not run["blank_pages"] and results["arguments"]["reading_loss_weight"] > 0:
+            axis.plot(steps, [25 * p["train_reading_loss"] for p in run["curve"]], "--", alpha=0.6,
+                      label=f"{name}: reading loss (x 25)")
     axis.axhline(100 * results["chance"], color="black", ls=":", label="chance (1 in 100)")
     axis.set_xlabel("training step")
     axis.set_ylabel("%")

@@ -7,7 +7,7 @@ import pytest
 from visincontext.evaluation import (
     Example, anls, build_prompt, cider_d, get_task, load_examples, normalize_vqa_answer, select_demonstrations, vqa_accuracy,
 )
-from visincontext.evaluation.__main__ import main as evaluation_main
+from visincontext.evaluation.__main__ import run as evaluation_main
 from visincontext.training import DataArguments, ModelArguments, build_model_and_processor
 
 

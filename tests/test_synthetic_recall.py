@@ -37,20 +37,24 @@ def test_held_out_pairs_never_reach_training_and_are_what_evaluation_asks():
 
 
 def test_reading_targets_are_what_each_patch_shows():
-    """`patch_characters` spells out the page patch by patch, and exactly the patches with characters have ink."""
+    """The package's reading targets for this layout (4 cells per latent) spell out the page patch by patch, and
+    exactly the patches with characters have ink."""
     import numpy as np
+
+    from visincontext.rendering_visincontext import reading_targets
 
     processor = synthetic_recall.build_processor()
     size, grid = synthetic_recall.PATCH_SIZE, synthetic_recall.GRID
+    classes = {0: " ", **{i + 2: chr(0x21 + i) for i in range(94)}}
     for seed in range(5):
         facts = synthetic_recall.make_facts(random.Random(seed), 3 + seed, held_out_first=False)
         page = synthetic_recall.page_text(facts)
-        characters = synthetic_recall.patch_characters(page)
-        assert characters.shape == (grid * grid, synthetic_recall.CHARS_PER_PATCH)
-        spelled = ["".join(synthetic_recall.PAGE_CHARS[i] for i in patch) for patch in characters.tolist()]
+        rendered = processor.render(page)
+        targets = reading_targets(rendered.cells, grid * grid, synthetic_recall.CHARS_PER_PATCH)[0]
+        spelled = ["".join(classes[c] for c in patch) for patch in targets.tolist()]
         rows = ["".join(spelled[r * grid : (r + 1) * grid]).rstrip() for r in range(grid)]
         assert "\n".join(rows).rstrip("\n") == page
-        pixels = np.asarray(processor.renderer.render(page).to_images()[0].convert("L"))
+        pixels = np.asarray(rendered.to_images()[0].convert("L"))
         for p, text in enumerate(spelled):
             block = pixels[p // grid * size : (p // grid + 1) * size, p % grid * size : (p % grid + 1) * size]
             assert (block.min() < 128) == bool(text.strip()), (p, text)

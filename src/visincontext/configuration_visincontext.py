@@ -126,14 +126,26 @@ class VisInContextConfig(PreTrainedConfig):
         # `PreTrainedModel.tie_weights` reads (same workaround as LLaVA).
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+        for name in ("num_latents", "resampler_depth", "resampler_num_heads", "resampler_head_dim", "resampler_ff_mult",
+                     "cross_attention_every", "cross_attention_num_heads", "cross_attention_head_dim",
+                     "cross_attention_ff_mult", "contrastive_dim", "reading_cells_per_latent", "image_token_id",
+                     "end_of_chunk_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name}: expected an integer, got {value!r}")
+            if value < (0 if name.endswith("token_id") else 1):
+                raise ValueError(f"{name}: expected a {'non-negative' if name.endswith('token_id') else 'positive'} "
+                                 f"integer, got {value}")
+        for name in ("contrastive_loss_weight", "contrastive_temperature_init", "reading_loss_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(f"{name}: expected a number, got {value!r}")
+        if self.contrastive_temperature_init <= 0:
+            raise ValueError(f"contrastive_temperature_init: expected a positive number, got {self.contrastive_temperature_init}")
         if self.latent_fusion not in ("sum", "concat"):
             raise ValueError(f"latent_fusion: expected 'sum' or 'concat', got {self.latent_fusion!r}")
         if self.reading_loss_weight < 0:
             raise ValueError(f"reading_loss_weight: expected a number >= 0, got {self.reading_loss_weight}")
-        if self.reading_cells_per_latent < 1:
-            raise ValueError(f"reading_cells_per_latent: expected a positive integer, got {self.reading_cells_per_latent}")
-        if self.cross_attention_every < 1:
-            raise ValueError(f"cross_attention_every: expected a positive integer, got {self.cross_attention_every}")
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):

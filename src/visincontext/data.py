@@ -165,7 +165,7 @@ def format_dataset(dataset, kind: str, skip_bad_rows: bool = False, **format_kwa
             return None
         sample["row_index"] = index
         if "context_pages" in row:  # rendered ahead of time by `prerender`
-            for key in ("context_pages", "context_cells", "context_text"):
+            for key in ("context_pages", "context_cells", "context_text", "context_cut_characters"):
                 sample[key] = row[key]
         return sample
 
@@ -285,6 +285,7 @@ class VisInContextCollator:
         if prerendered:
             pixels, mask = self.processor.pages_to_pixel_values([np.asarray(s["context_pages"], np.uint8) for s in samples])
             batch["context_pixel_values"], batch["context_mask"] = pixels, mask
+            batch["context_cut_characters"] = torch.tensor([s["context_cut_characters"] for s in samples])
             if self.reading_layout:
                 cells = [np.asarray(s["context_cells"], np.int32) for s in samples]
                 batch["context_reading_targets"] = self.processor.reading_targets(cells, *self.reading_layout)
@@ -327,7 +328,8 @@ def prerender(dataset, kind: str, processor, num_proc: int | None = None, skip_b
 
     renderer = processor.renderer
     no_pages = {"context_pages": np.zeros((0, renderer.page_height, renderer.page_width), np.uint8),
-                "context_cells": np.zeros((0, renderer.rows_per_page, renderer.columns), np.int32), "context_text": ""}
+                "context_cells": np.zeros((0, renderer.rows_per_page, renderer.columns), np.int32), "context_text": "",
+                "context_cut_characters": 0}
 
     def render(row, index):
         try:
@@ -339,13 +341,15 @@ def prerender(dataset, kind: str, processor, num_proc: int | None = None, skip_b
         if context is None:
             return no_pages
         result = processor.render(context)
-        text = result.text[result.spans[0][0] : result.spans[-1][1]] if len(result) else ""
-        return {"context_pages": result.pages, "context_cells": result.cells, "context_text": text}
+        text = result.kept_text
+        return {"context_pages": result.pages, "context_cells": result.cells, "context_text": text,
+                "context_cut_characters": result.cut_characters}
 
     features = Features({
         **dataset.features,
         "context_pages": Array3D(shape=(None, renderer.page_height, renderer.page_width), dtype="uint8"),
         "context_cells": Array3D(shape=(None, renderer.rows_per_page, renderer.columns), dtype="int32"),
         "context_text": Value("string"),
+        "context_cut_characters": Value("int64"),
     })
     return dataset.map(render, with_indices=True, num_proc=num_proc, features=features, desc="rendering context")

@@ -9,39 +9,76 @@ installed. `publish` uploads such a folder with `huggingface_hub`.
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+
+from .files import staging_folder
 
 CARD_TEMPLATE = Path(__file__).parent / "hub_cards" / "model_card.md"
 EVAL_RESULT_KEYS = ("task_type", "dataset_type", "dataset_name", "metric_type", "metric_value")
 
 
 def _eval_results(eval_results: list[dict] | None) -> list[EvalResult] | None:
+    """Checked `EvalResult`s. Each must be its own model-index result: the Hub groups results by task, dataset,
+    config, split and revision, so two settings of one task (shots, context mode) need distinct `dataset_config`s."""
     if not eval_results:
         return None
     if not isinstance(eval_results, list):
         raise TypeError(f"eval_results: expected a list of dicts, got {type(eval_results).__name__}")
-    results = []
+    results, seen = [], {}
     for i, entry in enumerate(eval_results):
+        if not isinstance(entry, dict):
+            raise TypeError(f"eval_results[{i}]: expected a dict, got {type(entry).__name__}")
         missing = [key for key in EVAL_RESULT_KEYS if key not in entry]
         if missing:
             raise ValueError(f"eval_results[{i}]: missing {missing} (each entry needs {list(EVAL_RESULT_KEYS)})")
-        results.append(EvalResult(**entry))
+        value = entry["metric_value"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"eval_results[{i}].metric_value: expected a number, got {value!r}")
+        try:
+            result = EvalResult(**entry)
+        except TypeError as error:
+            raise ValueError(f"eval_results[{i}]: {error}") from None
+        key = (*result.unique_identifier, result.metric_type)
+        if key in seen:
+            raise ValueError(
+                f"eval_results[{i}]: the same metric for the same task, dataset and config as eval_results[{seen[key]}]; "
+                "give each setting its own dataset_config (e.g. '4-shot-rendered')"
+            )
+        seen[key] = i
+        results.append(result)
     return results
+
+
+def check_eval_results(eval_results: list[dict] | None) -> None:
+    """Raises a `ValueError` / `TypeError` naming the entry if `eval_results` cannot go into a model card."""
+    _eval_results(eval_results)
+
+
+def check_repo_id(repo_id) -> None:
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"repo_id: expected 'owner/name', got {repo_id!r}")
 
 
 def _evaluation_table(eval_results: list[dict] | None) -> str:
     if not eval_results:
         return "No evaluation results were given."
-    lines = ["| task | dataset | split | metric | value |", "|---|---|---|---|---|"]
+    lines = ["| task | dataset | setting | split | metric | value |", "|---|---|---|---|---|---|"]
     for entry in eval_results:
         lines.append(
-            f"| {entry.get('task_name', entry['task_type'])} | {entry['dataset_name']} | {entry.get('dataset_split', '')} "
-            f"| {entry.get('metric_name', entry['metric_type'])} | {entry['metric_value']:.4g} |"
+            f"| {entry.get('task_name', entry['task_type'])} | {entry['dataset_name']} | {entry.get('dataset_config') or ''} "
+            f"| {entry.get('dataset_split', '')} | {entry.get('metric_name', entry['metric_type'])} | {entry['metric_value']:.4g} |"
         )
     return "\n".join(lines)
+
+
+def _placement(every: int) -> str:
+    """Where the cross-attention blocks stand, in words: 'every layer', 'every 2nd layer', 'every 4th layer'."""
+    if every == 1:
+        return "every layer"
+    suffix = "th" if 10 <= every % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(every % 10, "th")
+    return f"every {every}{suffix} layer"
 
 
 def _training_details(training_args, datasets: list[str] | None) -> str:
@@ -104,7 +141,7 @@ def build_model_card(
         image_size=vision.image_size,
         patch_size=vision.patch_size,
         num_layers=text.num_hidden_layers,
-        cross_attention_every=config.cross_attention_every,
+        cross_attention_placement=_placement(config.cross_attention_every),
         num_cross_attention=len(config.cross_attention_layers),
         latent_fusion=config.latent_fusion,
         num_latents=config.num_latents,
@@ -133,16 +170,19 @@ def prepare_repo(
     """Writes a Hub-ready folder: sharded safetensors weights (with an index when sharded), config with a
     complete `auto_map`, the remote-code files, the processor files with its fonts, and README.md.
 
-    The folder is assembled next to `out_dir` and moved into place at the end, so a failure leaves nothing
-    half-written. An existing `out_dir` is an error unless `overwrite=True`.
+    The folder is assembled in a staging folder beside `out_dir` and moved into place at the end, so a failure
+    leaves nothing half-written; what a killed run left there is removed by the next one (`visincontext.files`).
+    An existing `out_dir` is an error unless `overwrite=True`.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ValueError(f"out_dir: {str(out_dir)!r} exists; pass overwrite=True to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir: {str(out_dir)!r} is a file; expected a folder")
     if processor is None or not hasattr(processor, "renderer"):
         raise TypeError("processor: expected a VisInContextProcessor (its files and fonts go into the repository)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    _eval_results(eval_results)  # before any work: a bad entry is an error, not a half-made card
+    staging = staging_folder(out_dir)
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         processor.save_pretrained(staging)
@@ -150,9 +190,11 @@ def prepare_repo(
         card.save(staging / "README.md")
         if eval_results:
             (staging / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        previous = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+        if out_dir.exists():  # moved aside, not deleted, until the new folder is in place
+            os.replace(out_dir, previous)
         os.replace(staging, out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -178,8 +220,7 @@ def publish(
     root = Path(out_dir)
     if not (root / "config.json").is_file() or not (root / "processor_config.json").is_file():
         raise ValueError(f"out_dir: {str(out_dir)!r} is not a folder written by prepare_repo (no config.json / processor_config.json)")
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(f"repo_id: expected 'owner/name', got {repo_id!r}")
+    check_repo_id(repo_id)
     files = repo_files(out_dir)
     if dry_run:
         return files
@@ -192,4 +233,4 @@ def publish(
     return files
 
 
-__all__ = ["build_model_card", "prepare_repo", "publish", "repo_files"]
+__all__ = ["build_model_card", "check_eval_results", "check_repo_id", "prepare_repo", "publish", "repo_files"]

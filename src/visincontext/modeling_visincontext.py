@@ -507,6 +507,10 @@ class VisInContextPreTrainedModel(PreTrainedModel):
             for module in self.modules():
                 if isinstance(module, (GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverAttention)):
                     _init_new_parts(module, std)
+            reading_head = getattr(self, "reading_head", None)
+            if reading_head is not None:  # a linear read-out of the latents, at their scale
+                init.normal_(reading_head.weight, mean=0.0, std=reading_head.in_features**-0.5)
+                init.zeros_(reading_head.bias)
 
     def _freeze_backbones(self) -> None:
         """Freeze the vision tower and LM body as configured; new parts stay trainable."""
@@ -769,6 +773,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
         media_latents_mask: torch.BoolTensor | None = None,
         media_key_values: tuple | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
+        context_cut_characters: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         past_key_values: Cache | None = None,
@@ -784,6 +789,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
         media_key_values: the memory already projected by each cross-attention block (an earlier output's
             `media_key_values`, with its `media_latents_mask`); `generate` passes it at every decoding step.
         past_chunk_ids (`(B,)`): chunk of the last cached token, so that new tokens continue its chunk.
+        context_cut_characters (`(B,)`): ignored; the processor reports there how much context `max_pages` cut.
         cache: the KV cache (`past_key_values` before transformers 5.24; either name is accepted).
         """
         cache = _one_cache(cache, past_key_values)
@@ -979,6 +985,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         media_latents_mask: torch.BoolTensor | None = None,
         media_key_values: tuple | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
+        context_cut_characters: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -1066,6 +1073,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         media_key_values: tuple | None = None,
         media_latents_mask: torch.Tensor | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
+        context_cut_characters: torch.LongTensor | None = None,
         context_pixel_values: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,

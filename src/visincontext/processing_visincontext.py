@@ -12,12 +12,24 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+from transformers.utils import logging
 
 from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
-from .rendering_visincontext import TextRenderer, reading_targets
+from .rendering_visincontext import TextRenderer, check_text, reading_targets
+
+logger = logging.get_logger(__name__)
 
 FONT_SETTINGS = ("font_path", "fallback_font_paths")
 FONT_LICENCE = "LICENSE-DejaVu.txt"
+RENDERER_SETTINGS = (
+    "font_path", "fallback_font_paths", "font_size", "page_height", "page_width", "line_height", "cell_width", "margin",
+    "max_pages", "overflow",
+)
+
+
+def _check_characters(name: str, text: str, index: int, batched: bool) -> None:
+    """A clear error for a string that is not all characters (a lone surrogate), naming the argument and sample."""
+    check_text(name, text, sample=index if batched else None)
 
 
 def _output_size(image_processor) -> tuple[int, int] | None:
@@ -56,6 +68,7 @@ class VisInContextProcessor(ProcessorMixin):
 
     model_input_names = [
         "input_ids", "attention_mask", "pixel_values", "image_mask", "context_pixel_values", "context_mask",
+        "context_cut_characters",
     ]
     valid_processor_kwargs = VisInContextProcessorKwargs
     text_kwargs = {"padding": True, "padding_side": "left"}  # left padding: batches go straight to `generate`
@@ -94,11 +107,25 @@ class VisInContextProcessor(ProcessorMixin):
             page_width=page_width, line_height=line_height, cell_width=cell_width, margin=margin, max_pages=max_pages,
             overflow=overflow,
         )
-        # the settings are saved by name in processor_config.json; the renderer object itself is not
-        for name, value in self.renderer.settings().items():
-            if name != "tab_size":
-                setattr(self, name, value)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    # The renderer holds its settings (one source of truth): `processor.max_pages` and the others read it, and
+    # `max_pages` / `overflow` may be set (validated); the page geometry and fonts are fixed once built.
+    def __getattr__(self, name: str):
+        if name in RENDERER_SETTINGS and "renderer" in self.__dict__:
+            return getattr(self.__dict__["renderer"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in RENDERER_SETTINGS and "renderer" in self.__dict__:
+            if name not in ("max_pages", "overflow"):
+                raise AttributeError(f"{name}: fixed when the processor is built; build a new processor to change it")
+            renderer = self.__dict__["renderer"]
+            TextRenderer._check_overflow(value if name == "max_pages" else renderer.max_pages,
+                                         value if name == "overflow" else renderer.overflow)
+            setattr(renderer, name, value)
+            return
+        super().__setattr__(name, value)
 
     # ---- construction ------------------------------------------------------------------------------
 
@@ -117,8 +144,10 @@ class VisInContextProcessor(ProcessorMixin):
         return cls(image_processor=image_processor, tokenizer=tokenizer, **settings)
 
     def to_dict(self) -> dict:
-        # fonts are saved next to processor_config.json (see save_pretrained): refer to them by file name
+        # The renderer is the one source of its settings (the properties below read it); they are saved by name in
+        # processor_config.json, the fonts by file name (save_pretrained copies them beside it).
         output = super().to_dict()
+        output.update({name: getattr(self, name) for name in RENDERER_SETTINGS})
         output["font_path"] = Path(self.font_path).name
         output["fallback_font_paths"] = [Path(path).name for path in self.fallback_font_paths]
         output.pop("auto_map", None)  # written by save_pretrained
@@ -152,7 +181,10 @@ class VisInContextProcessor(ProcessorMixin):
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder") if k in kwargs}
         config_file = cached_file(pretrained_model_name_or_path, "processor_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         if config_file is not None and not all(name in kwargs for name in FONT_SETTINGS):
-            saved = json.loads(Path(config_file).read_text())
+            try:
+                saved = json.loads(Path(config_file).read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"pretrained_model_name_or_path: {config_file} is not valid JSON ({error})") from None
 
             def locate(name):
                 if name is None or os.path.isabs(name):
@@ -171,9 +203,12 @@ class VisInContextProcessor(ProcessorMixin):
             raise ValueError("text: expected a string or a list of strings (the prompt), got None")
         batched = isinstance(text, (list, tuple))
         texts = list(text) if batched else [text]
+        if not texts:
+            raise ValueError("text: expected at least one prompt, got an empty list")
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"text: expected strings, got {type(t).__name__} at index {i}")
+            _check_characters("text", t, i, batched)
         counts = [t.count(self.image_token) for t in texts]
 
         if images is not None and not isinstance(images, (list, tuple)):
@@ -211,19 +246,36 @@ class VisInContextProcessor(ProcessorMixin):
         for i, c in enumerate(contexts):
             if c is not None and not isinstance(c, str):
                 raise TypeError(f"context: expected a string or None, got {type(c).__name__} at index {i}")
+            if c is not None:
+                _check_characters("context", c, i, batched)
+        for i, sample_images in enumerate(per_sample):
+            for j, image in enumerate(sample_images):
+                size = image.size if isinstance(image, Image.Image) else getattr(image, "shape", None)
+                if size is not None and 0 in tuple(size)[:2]:
+                    raise ValueError(f"images: image {j} of sample {i} is empty ({'x'.join(map(str, size))})")
         return texts, per_sample, contexts, batched
 
     def render(self, context: str):
         """One context as this processor renders it: its renderer, with its `max_pages` and `overflow`."""
-        return self.renderer.render(context, max_pages=self.max_pages, overflow=self.overflow)
+        try:
+            return self.renderer.render(context, max_pages=self.max_pages, overflow=self.overflow)
+        except ValueError as error:  # the renderer's own names (text, max_pages) -> the processor's argument
+            raise ValueError(f"context: {error}") from None
 
     def render_context(self, contexts: list[str | None]):
         """Renders each context (at most `self.max_pages` pages, `self.overflow` beyond). Returns `(pages
-        (B, P, 3, H, W) float, mask (B, P) bool, kept texts)`, pages normalised like the image processor's images."""
+        (B, P, 3, H, W) float, mask (B, P) bool, kept texts, cells per sample, characters cut per sample (B,))`,
+        pages normalised like the image processor's images. Cut context is warned about, once per call."""
         rendered = [None if c is None else self.render(c) for c in contexts]
-        kept = [r.text[r.spans[0][0] : r.spans[-1][1]] if r is not None and len(r) else "" for r in rendered]
+        kept = ["" if r is None else r.kept_text for r in rendered]
         pixels, mask = self.pages_to_pixel_values([None if r is None else r.pages for r in rendered])
-        return pixels, mask, kept, [None if r is None else r.cells for r in rendered]
+        cut = torch.tensor([0 if r is None else r.cut_characters for r in rendered], dtype=torch.long)
+        if cut.any():
+            logger.warning(
+                f"context: {int((cut > 0).sum())} of {len(cut)} samples exceed max_pages={self.max_pages}; "
+                f"overflow={self.overflow!r} cut {int(cut.sum())} characters (per sample: `context_cut_characters`)"
+            )
+        return pixels, mask, kept, [None if r is None else r.cells for r in rendered], cut
 
     @staticmethod
     def reading_targets(cells: list, num_latents: int, cells_per_latent: int) -> torch.Tensor:
@@ -275,8 +327,9 @@ class VisInContextProcessor(ProcessorMixin):
         Tokenizer and image-processor options pass through (`text_kwargs=...`, `images_kwargs=...` or flat).
 
         Returns `input_ids`, `attention_mask` (left-padded), `pixel_values` (B, N, 3, H, W) with `image_mask`
-        (B, N), and `context_pixel_values` (B, P, 3, H, W) with `context_mask` (B, P); N or P is 0 when no
-        sample has images or context.
+        (B, N), `context_pixel_values` (B, P, 3, H, W) with `context_mask` (B, P) (N or P is 0 when no sample has
+        images or context), and `context_cut_characters` (B,): characters of each context that `max_pages` cut
+        (the model takes and ignores it, so the output goes to `generate` as it is).
         """
         texts, per_sample, contexts, _ = self._batch_inputs(images, text, context)
         # ProcessorMixin's (underscored) kwargs merger, which every transformers processor's `__call__` uses; the
@@ -305,8 +358,9 @@ class VisInContextProcessor(ProcessorMixin):
             pixel_values[i, : len(sample)] = flat_pixels[start : start + len(sample)]
             image_mask[i, : len(sample)] = True
             start += len(sample)
-        pages, context_mask, kept, cells = self.render_context(contexts)
-        data.update(pixel_values=pixel_values, image_mask=image_mask, context_pixel_values=pages, context_mask=context_mask)
+        pages, context_mask, kept, cells, cut = self.render_context(contexts)
+        data.update(pixel_values=pixel_values, image_mask=image_mask, context_pixel_values=pages, context_mask=context_mask,
+                    context_cut_characters=cut)
         if options.get("reading_layout"):
             data["context_reading_targets"] = self.reading_targets(cells, *options["reading_layout"])
         if options.get("return_context_ids"):

@@ -6,102 +6,55 @@ default, so no patch straddles two lines) and cells are `cell_width` pixels wide
 default, so every patch holds exactly two characters). Each glyph (or base character with its
 combining marks) is drawn once with FreeType into a cell-sized bitmap; a page is then one numpy
 gather of those bitmaps. That is deterministic (same text, font and geometry give the same bytes in
-any process) and tens of times faster than drawing every page with `ImageDraw.text`.
+any process, whatever was rendered before and in any thread) and tens of times faster than drawing every
+page with `ImageDraw.text`.
 """
 
 import re
-import struct
-from bisect import bisect_left, bisect_right
+import threading
 import unicodedata
-from dataclasses import dataclass, field
-from pathlib import Path
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-FONTS_DIR = Path(__file__).parent / "fonts"
-DEFAULT_FONT = "DejaVuSansMono.ttf"
-DEFAULT_FALLBACK_FONTS = ("DejaVuSans.ttf",)
+from .fonts_visincontext import DEFAULT_FALLBACK_FONTS, DEFAULT_FONT, fitting_font_size, load_fonts, resolve_font
+
 OVERFLOW_POLICIES = ("error", "truncate", "keep_end")
 BLANK_GLYPH, REPLACEMENT_GLYPH = 0, 1
 
-
-
-def default_font_path(name: str = DEFAULT_FONT) -> str:
-    """Path of a font shipped with the package (`fonts/`)."""
-    return str(FONTS_DIR / name)
-
-
-def _resolve_font(path) -> str:
-    """A path as given, or the shipped font of that file name when only a name is given."""
-    path = str(path)
-    if not Path(path).exists() and Path(path).name == path and (FONTS_DIR / path).is_file():
-        return str(FONTS_DIR / path)
-    return path
-
-
-def _font_codepoints(path: str) -> frozenset[int]:
-    """Codepoints covered by a TrueType/OpenType font's `cmap` (formats 4 and 12; read with `struct`, so the
-    module needs nothing beyond PIL and numpy and works as Hub remote code)."""
-    data = Path(path).read_bytes()
-    if data[:4] == b"ttcf":  # a collection: use its first font
-        (offset,) = struct.unpack_from(">I", data, 12)
-    else:
-        offset = 0
-    (num_tables,) = struct.unpack_from(">H", data, offset + 4)
-    tables = {
-        data[offset + 12 + 16 * i : offset + 16 + 16 * i]: struct.unpack_from(">I", data, offset + 20 + 16 * i)[0]
-        for i in range(num_tables)
-    }
-    if b"cmap" not in tables:
-        raise OSError("the font has no cmap table")
-    cmap = tables[b"cmap"]
-    (num_subtables,) = struct.unpack_from(">H", data, cmap + 2)
-    codepoints: set[int] = set()
-    for i in range(num_subtables):
-        platform, encoding, sub_offset = struct.unpack_from(">HHI", data, cmap + 4 + 8 * i)
-        if (platform, encoding) not in ((3, 1), (3, 10), (0, 3), (0, 4), (0, 6)):
-            continue
-        start = cmap + sub_offset
-        (fmt,) = struct.unpack_from(">H", data, start)
-        if fmt == 4:
-            segments = struct.unpack_from(">H", data, start + 6)[0] // 2
-            ends = struct.unpack_from(f">{segments}H", data, start + 14)
-            starts = struct.unpack_from(f">{segments}H", data, start + 16 + 2 * segments)
-            deltas = struct.unpack_from(f">{segments}h", data, start + 16 + 4 * segments)
-            range_offsets_at = start + 16 + 6 * segments
-            range_offsets = struct.unpack_from(f">{segments}H", data, range_offsets_at)
-            for s, (first, last, delta, range_offset) in enumerate(zip(starts, ends, deltas, range_offsets)):
-                for code in range(first, last + 1):
-                    if code == 0xFFFF:
-                        continue
-                    if range_offset == 0:
-                        glyph = (code + delta) & 0xFFFF
-                    else:
-                        at = range_offsets_at + 2 * s + range_offset + 2 * (code - first)
-                        glyph = struct.unpack_from(">H", data, at)[0]
-                        glyph = (glyph + delta) & 0xFFFF if glyph else 0
-                    if glyph:
-                        codepoints.add(code)
-        elif fmt == 12:
-            (groups,) = struct.unpack_from(">I", data, start + 12)
-            for g in range(groups):
-                first, last, glyph = struct.unpack_from(">III", data, start + 16 + 12 * g)
-                codepoints.update(range(first + (glyph == 0), last + 1))
-    return frozenset(codepoints)
-
+# ---- text normalisation --------------------------------------------------------------------------
 
 _LINE_BREAKS = {ord("\r"): "\n", 0x2028: "\n", 0x2029: "\n"}  # carriage return, line and paragraph separators
 _CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # Unicode category Cc, less the newline
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(name: str, text: str, sample: int | None = None) -> None:
+    """`text` must be a string of characters: a lone surrogate (half of a UTF-16 pair, as left by decoding
+    with `errors="surrogateescape"`) is not one. Raises `ValueError` naming `name` (and `sample`, the index in a
+    batch) and the index in `text`."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name}: expected a string, got {type(text).__name__}")
+    surrogate = _SURROGATE.search(text)
+    if surrogate:
+        where = f"index {surrogate.start()}" + ("" if sample is None else f" of sample {sample}")
+        raise ValueError(
+            f"{name}: lone surrogate U+{ord(surrogate.group()):04X} at {where} is not a character "
+            "(decode the text with errors='replace')"
+        )
 
 
 def normalize_text(text: str, tab_size: int = 4) -> str:
-    """NFC; `\\r\\n`, `\\r` and the Unicode line/paragraph separators become `\\n`; tabs become spaces;
-    other control characters are dropped."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\t", " " * tab_size)
-    text = text.translate(_LINE_BREAKS)
-    return _CONTROL.sub("", text)
+    """`\\r\\n`, `\\r` and the Unicode line/paragraph separators become `\\n`; tabs become spaces; other control
+    characters are dropped; then NFC. Idempotent: normalising the result again changes nothing (NFC comes last,
+    after every character that could separate a base from its marks is gone)."""
+    text = text.replace("\r\n", "\n").translate(_LINE_BREAKS).replace("\t", " " * tab_size)
+    return unicodedata.normalize("NFC", _CONTROL.sub("", text))
 
+
+# ---- reading targets -----------------------------------------------------------------------------
 
 # Reading targets: what each cell of a page shows, as one of 96 classes, for the model's reading objective.
 READING_CLASSES = 96  # 0: blank (an empty cell or a space), 1: a character outside printable ASCII, 2-95: "!" to "~"
@@ -139,22 +92,27 @@ class RenderedText:
     text: the normalised input that `spans` index into.
     cells: `(pages, rows, columns)` int32, the codepoint of the character each cell of the grid shows (0: blank):
         the page's layout, from which reading targets are made (`reading_targets`).
-    truncated: whether text was cut to respect `max_pages`; `dropped` says which end was cut.
+    truncated: whether text was cut to respect `max_pages`; `dropped` says which end was cut ("start" or "end")
+        and `cut_characters` how many characters of `text` no page holds.
     replaced: characters drawn as the replacement box (in no available font).
     """
 
     pages: np.ndarray
     spans: list[tuple[int, int]]
     text: str
-    cells: np.ndarray | None = None
+    cells: np.ndarray
     truncated: bool = False
     dropped: str | None = None
+    cut_characters: int = 0
     replaced: int = 0
-    dropped_pages: int = 0
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.pages)
+
+    @property
+    def kept_text(self) -> str:
+        """The text the pages hold: `text[spans[0][0]:spans[-1][1]]`."""
+        return self.text[self.spans[0][0] : self.spans[-1][1]] if self.spans else ""
 
     def to_images(self) -> list[Image.Image]:
         """The pages as PIL grayscale images."""
@@ -177,6 +135,20 @@ class TextRenderer:
         overflow: `"error"` (raise), `"truncate"` (keep the start) or `"keep_end"` (keep the end: the
             text nearest the prompt, the useful choice for in-context text).
         tab_size: spaces per tab.
+
+    Layout rules:
+    - Rows break after the last whole word that fits; a word longer than a row wraps by character. A newline ends
+      a paragraph; an empty line is an empty row. Spaces at a break are owned by the row before, not drawn.
+    - A combining mark belongs to the character before it (its base, which may be a space) and is drawn with it
+      in one cell; a space that carries a mark is visible and laid out as part of a word. A mark at the start of
+      the text or of a line has no base: it takes a cell of its own.
+    - With `max_pages`, only what is kept is laid out: `truncate` lays out a window from the start holding a row
+      more than `max_pages` pages; `keep_end` keeps the last `max_pages * rows_per_page` rows, laid out from the last paragraph start
+      (or, within one long paragraph, word start) before a window of about `max_pages * rows_per_page * (columns
+      + 1)` characters at the end, doubled until it holds that many rows. Time grows with the kept pages, not with
+      the text (only normalisation reads all of it).
+
+    A renderer may be shared by threads: glyphs are added to its atlas under a lock.
     """
 
     def __init__(
@@ -197,23 +169,23 @@ class TextRenderer:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         cell_width = line_height // 2 if cell_width is None else cell_width
-        if not isinstance(cell_width, int) or cell_width <= 0:
+        if not isinstance(cell_width, int) or isinstance(cell_width, bool) or cell_width <= 0:
             raise ValueError(f"cell_width: expected a positive integer, got {cell_width!r}")
         if line_height > page_height:
             raise ValueError(f"line_height: {line_height} does not fit a page of height {page_height}")
         if not isinstance(margin, int) or margin < 0 or page_width - 2 * margin < cell_width:
             raise ValueError(f"margin: expected an integer in [0, {(page_width - cell_width) // 2}], got {margin!r}")
-        if max_pages is not None and (not isinstance(max_pages, int) or max_pages <= 0):
-            raise ValueError(f"max_pages: expected a positive integer or None, got {max_pages!r}")
-        if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow: expected one of {OVERFLOW_POLICIES}, got {overflow!r}")
-        if font_size is not None and (not isinstance(font_size, int) or font_size <= 0):
+        self._check_overflow(max_pages, overflow)
+        if font_size is not None and (not isinstance(font_size, int) or isinstance(font_size, bool) or font_size <= 0):
             raise ValueError(f"font_size: expected a positive integer or None, got {font_size!r}")
+        if not isinstance(tab_size, int) or isinstance(tab_size, bool) or tab_size < 0:
+            raise ValueError(f"tab_size: expected a non-negative integer, got {tab_size!r}")
 
-        self.font_path = _resolve_font(font_path if font_path is not None else DEFAULT_FONT)
-        if fallback_font_paths is None:
-            fallback_font_paths = DEFAULT_FALLBACK_FONTS
-        self.fallback_font_paths = [_resolve_font(path) for path in fallback_font_paths]
+        self.font_path = resolve_font(font_path if font_path is not None else DEFAULT_FONT)
+        fallback_font_paths = DEFAULT_FALLBACK_FONTS if fallback_font_paths is None else fallback_font_paths
+        if isinstance(fallback_font_paths, str):
+            raise TypeError("fallback_font_paths: expected a list of font paths, got a string")
+        self.fallback_font_paths = [resolve_font(path) for path in fallback_font_paths]
         self.page_height, self.page_width = page_height, page_width
         self.line_height, self.cell_width, self.margin = line_height, cell_width, margin
         self.max_pages, self.overflow, self.tab_size = max_pages, overflow, tab_size
@@ -221,38 +193,34 @@ class TextRenderer:
         self.columns = (page_width - 2 * margin) // cell_width
 
         paths = [("font_path", self.font_path)] + [("fallback_font_paths", p) for p in self.fallback_font_paths]
-        coverage = []
-        for name, path in paths:
-            if not Path(path).is_file():
-                raise ValueError(f"{name}: no font file at {path!r}")
-            try:
-                ImageFont.truetype(path, 12)
-                coverage.append(_font_codepoints(path))
-            except (OSError, struct.error) as error:
-                raise ValueError(f"{name}: cannot read a font from {path!r} ({error})") from None
-        self.font_size = font_size if font_size is not None else self._fitting_font_size(self.font_path)
-        # BASIC layout (no raqm shaping): glyphs are drawn one cell at a time, and the output does not depend
-        # on whether a machine's Pillow was built with raqm
-        self._fonts = [
-            (ImageFont.truetype(path, self.font_size, layout_engine=ImageFont.Layout.BASIC), codepoints)
-            for (_, path), codepoints in zip(paths, coverage)
-        ]
+        load_fonts(paths, 12)  # check every file before measuring the main one
+        self.font_size = font_size if font_size is not None else fitting_font_size(self.font_path, line_height, cell_width)
+        self._fonts = load_fonts(paths, self.font_size)
 
         # Glyph atlas: id 0 is the blank cell, id 1 the replacement box. `_codepoint_glyph` maps a codepoint
         # to its id (-1: not drawn yet) so that whole lines map to ids with one numpy lookup.
+        self._lock = threading.Lock()
         self._atlas = [np.full((line_height, cell_width), 255, np.uint8), self._box_glyph()]
         self._atlas_array = np.stack(self._atlas)
         self._codepoint_glyph = np.full(0x110000, -1, np.int32)
         self._cluster_glyph: dict[str, int] = {}
         self._codepoint_glyph[ord(" ")] = BLANK_GLYPH
 
-    @classmethod
-    def from_vision_config(cls, vision_config, **kwargs) -> "TextRenderer":
-        """Page = the tower's `image_size`, row height = its `patch_size`, two characters per patch."""
-        image_size, patch_size = vision_config.image_size, vision_config.patch_size
-        settings = dict(page_height=image_size, page_width=image_size, line_height=patch_size)
-        settings.update(kwargs)
-        return cls(**settings)
+    def __getstate__(self) -> dict:  # DataLoader workers get a copy: a lock cannot be pickled
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _check_overflow(max_pages, overflow) -> None:
+        if max_pages is not None and (not isinstance(max_pages, int) or isinstance(max_pages, bool) or max_pages <= 0):
+            raise ValueError(f"max_pages: expected a positive integer or None, got {max_pages!r}")
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow: expected one of {OVERFLOW_POLICIES}, got {overflow!r}")
 
     def settings(self) -> dict:
         """The constructor arguments that reproduce this renderer."""
@@ -264,14 +232,6 @@ class TextRenderer:
         )
 
     # ---- glyphs ----------------------------------------------------------------------------------
-
-    def _fitting_font_size(self, path: str) -> int:
-        for size in range(2 * self.line_height, 3, -1):
-            font = ImageFont.truetype(path, size)
-            ascent, descent = font.getmetrics()
-            if ascent + descent <= self.line_height + 1 and font.getlength("M") <= self.cell_width:
-                return size
-        return 4
 
     def _box_glyph(self) -> np.ndarray:
         cell = np.full((self.line_height, self.cell_width), 255, np.uint8)
@@ -298,6 +258,7 @@ class TextRenderer:
         return self._atlas[REPLACEMENT_GLYPH], True
 
     def _glyph_id(self, cluster: str) -> int:
+        """The atlas id of a cluster (a character, or a base with its marks), drawn on first use. Under the lock."""
         glyph = self._cluster_glyph.get(cluster)
         if glyph is None:
             cell, replaced = self._draw_glyph(cluster)
@@ -309,56 +270,76 @@ class TextRenderer:
                 self._codepoint_glyph[ord(cluster)] = glyph
         return glyph
 
-    def _glyph_ids(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """Per character of `text`: its glyph id, and whether it opens a cell (False for newlines and for
-        combining marks, which are drawn into their base character's cell)."""
+    def _glyph_ids(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per character of `text`: its glyph id, whether it opens a cell (False for newlines and for combining
+        marks that have a base), and the atlas to draw them from (a snapshot holding every id returned)."""
         codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        atlas = self._atlas_array  # read before the ids: another thread may be adding glyphs
         ids = self._codepoint_glyph[codepoints]
         opens_cell = codepoints != 10
-        missing = np.flatnonzero((ids < 0) & opens_cell)
-        if len(missing):
-            for index in missing:
+        if not ((ids < 0) & opens_cell).any() and (len(ids) == 0 or ids.max() < len(atlas)):
+            return ids, opens_cell, atlas
+        with self._lock:
+            ids = self._codepoint_glyph[codepoints]  # another thread may have drawn some meanwhile
+            missing = np.flatnonzero((ids < 0) & opens_cell)
+            clusters = {}  # index of a cell's first character -> the cluster it draws, for cells with marks
+            for index in missing.tolist():
                 char = text[index]
-                if unicodedata.combining(char) and index > 0 and text[index - 1] != "\n":
-                    opens_cell[index] = False
+                if unicodedata.combining(char):
+                    if index > 0 and text[index - 1] != "\n":
+                        opens_cell[index] = False  # a mark with a base: drawn in the base's cell
+                    else:
+                        clusters[index] = char  # no base: a cell of its own
                 else:
                     self._glyph_id(char)
             ids = self._codepoint_glyph[codepoints]
-            for mark in missing[~opens_cell[missing]]:
-                if opens_cell[mark - 1]:  # the first mark of a cluster: its base gets a glyph of its own
-                    end = mark
+            for mark in missing[~opens_cell[missing]].tolist():
+                base = mark - 1
+                while not opens_cell[base]:
+                    base -= 1
+                if base not in clusters:
+                    end = base + 1
                     while end < len(text) and not opens_cell[end] and text[end] != "\n":
                         end += 1
-                    ids[mark - 1] = self._glyph_id(text[mark - 1 : end])
+                    clusters[base] = text[base:end]
+            for index, cluster in clusters.items():
+                ids[index] = self._glyph_id(cluster)
             if len(self._atlas) != len(self._atlas_array):
                 self._atlas_array = np.stack(self._atlas)
-        return ids, opens_cell
+            return ids, opens_cell, self._atlas_array
 
     # ---- layout ----------------------------------------------------------------------------------
 
-    def _layout(self, text: str, opens_cell: np.ndarray) -> list[tuple[int, int, int]]:
-        """Greedy line breaking on the cell grid. Returns rows as (start, end, visible_end): the row owns
-        `text[start:end]` (with the spaces and newline after its last word) and draws `text[start:visible_end]`.
+    def _layout(self, text: str, opens_cell: np.ndarray, max_rows: int | None = None) -> list[tuple[int, int, int]]:
+        """Greedy line breaking on the cell grid, from the start of `text`, stopping after `max_rows` rows. Returns
+        rows as (start, end, visible_end): the row owns `text[start:end]` (with the spaces and newline after its
+        last word) and draws `text[start:visible_end]`.
 
         A row depends only on the text from its start, so any page re-rendered alone comes out the same.
         """
         n, columns = len(text), self.columns
         codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         cells_before = np.concatenate([[0], np.cumsum(opens_cell)]).tolist()  # cells in text[:i]
-        is_word = ((codepoints != 32) & (codepoints != 10)).view(np.int8)
-        edges = np.diff(np.concatenate([[0], is_word, [0]]))
+        is_word = (codepoints != 32) & (codepoints != 10)
+        marks = np.flatnonzero(~opens_cell & (codepoints != 10))
+        if len(marks):  # a space that carries a combining mark is visible: it belongs to a word
+            last_open = np.maximum.accumulate(np.where(opens_cell, np.arange(n), -1))
+            is_word[last_open[marks][last_open[marks] >= 0]] = True
+        edges = np.diff(np.concatenate([[0], is_word.view(np.int8), [0]]))
         word_starts, word_ends = np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()
         paragraph_ends = np.flatnonzero(codepoints == 10).tolist() + [n]
         rows = []
         start = 0
         for paragraph_end in paragraph_ends:
+            if max_rows is not None and len(rows) >= max_rows:
+                break
             owned_end = min(paragraph_end + 1, n)  # the row that closes a paragraph owns its newline
             if start == paragraph_end:
                 if paragraph_end < n:  # an empty line (a final newline opens no row)
                     rows.append((start, owned_end, start))
                 start = owned_end
                 continue
-            while start < paragraph_end:
+            while start < paragraph_end and (max_rows is None or len(rows) < max_rows):
                 # furthest position whose preceding cells still fit on this row
                 reach = min(bisect_right(cells_before, cells_before[start] + columns) - 1, paragraph_end)
                 word = bisect_right(word_ends, reach) - 1
@@ -373,10 +354,23 @@ class TextRenderer:
                     visible_end = next_start = cut
                 rows.append((start, owned_end if next_start >= paragraph_end else next_start, visible_end))
                 start = next_start
-            start = owned_end
+            if start >= paragraph_end:
+                start = owned_end
         return rows
 
-    def _draw_pages(self, text: str, ids: np.ndarray, opens_cell: np.ndarray, pages_rows: list[list[tuple[int, int, int]]]):
+    def _window_start(self, text: str, size: int) -> int:
+        """Where to lay out from to keep the end of `text`: the last paragraph start at or before `len(text) -
+        size` (a row starts there in any layout), else the first word start after it; 0 for a short text."""
+        edge = len(text) - size
+        if edge <= 0:
+            return 0
+        newline = text.rfind("\n", 0, edge)
+        if newline >= 0 and edge - newline <= size:
+            return newline + 1
+        match = re.compile(r"\s\S").search(text, edge)
+        return match.start() + 1 if match else edge
+
+    def _draw_pages(self, text, ids, opens_cell, atlas, pages_rows):
         """Draws all pages with one gather from the glyph atlas. Returns (pages, cells, replacement boxes drawn):
         `cells` (pages, rows, columns) holds the codepoint of the character each cell shows (its base character;
         0 for a blank cell)."""
@@ -397,7 +391,7 @@ class TextRenderer:
         cells = np.where(visible, cell_codepoints[starts[..., None] + offsets], 0).astype(np.int32)
         # Each glyph row (cell_width bytes) is one opaque element, so the gather lays out pixel rows directly:
         # (pages, rows, line_height, columns) elements == (pages, rows * line_height, columns * cell_width) bytes.
-        glyph_rows = self._atlas_array.view(np.dtype((np.void, self.cell_width)))[..., 0]  # (glyphs, line_height)
+        glyph_rows = atlas.view(np.dtype((np.void, self.cell_width)))[..., 0]  # (glyphs, line_height)
         pixel_rows = glyph_rows[grid[:, :, None, :], np.arange(self.line_height)[:, None]]
         height, width = self.rows_per_page * self.line_height, columns * self.cell_width
         body = pixel_rows.view(np.uint8).reshape(num_pages, height, width)
@@ -410,45 +404,61 @@ class TextRenderer:
 
     # ---- public API ------------------------------------------------------------------------------
 
-    def render(self, text: str, max_pages: int | None = None, overflow: str | None = None) -> RenderedText:
-        """Renders `text` into pages. `max_pages` / `overflow` override the renderer's settings."""
-        if not isinstance(text, str):
-            raise TypeError(f"text: expected a string, got {type(text).__name__}")
-        max_pages = self.max_pages if max_pages is None else max_pages
-        overflow = self.overflow if overflow is None else overflow
-        if max_pages is not None and (not isinstance(max_pages, int) or max_pages <= 0):
-            raise ValueError(f"max_pages: expected a positive integer or None, got {max_pages!r}")
-        if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow: expected one of {OVERFLOW_POLICIES}, got {overflow!r}")
-        text = normalize_text(text, self.tab_size)
-        ids, opens_cell = self._glyph_ids(text)
-        rows = self._layout(text, opens_cell)
-        pages_rows = [rows[i : i + self.rows_per_page] for i in range(0, len(rows), self.rows_per_page)]
-        truncated, dropped, dropped_pages = False, None, 0
-        if max_pages is not None and len(pages_rows) > max_pages:
-            dropped_pages = len(pages_rows) - max_pages
+    def _rows(self, text: str, max_pages: int | None, overflow: str) -> tuple[int, list, bool]:
+        """(offset of the laid-out part in `text`, its rows, whether text was cut), laying out only what is kept."""
+        per_page = self.rows_per_page
+        if max_pages is None:
+            return 0, self._layout(text, self._glyph_ids(text)[1]), False
+        limit = max_pages * per_page
+        size = limit * (self.columns + 1)
+        if overflow in ("truncate", "error"):
+            while True:  # a prefix window; rows before its last two cannot depend on where it was cut
+                part = text[:size]
+                rows = self._layout(part, self._glyph_ids(part)[1], max_rows=limit + 2)
+                if len(rows) >= limit + 2 or size >= len(text):
+                    break
+                size *= 2
+            if len(rows) <= limit:
+                return 0, rows, False
             if overflow == "error":
                 raise ValueError(
-                    f"max_pages: the text needs {len(pages_rows)} pages but max_pages={max_pages}; "
+                    f"max_pages: the text needs more than {max_pages} pages; "
                     "raise max_pages or use overflow='truncate' or 'keep_end'"
                 )
-            truncated = True
-            if overflow == "truncate":
-                pages_rows, dropped = pages_rows[:max_pages], "end"
-            else:
-                pages_rows, dropped = pages_rows[-max_pages:], "start"
-        spans = [(page[0][0], page[-1][1]) for page in pages_rows]
-        pages, cells, replaced = self._draw_pages(text, ids, opens_cell, pages_rows)
+            return 0, rows[:limit], True
+        while True:
+            offset = self._window_start(text, size)
+            part = text[offset:]
+            rows = self._layout(part, self._glyph_ids(part)[1])
+            if len(rows) >= limit or offset == 0:
+                return offset, rows[-limit:], offset > 0 or len(rows) > limit
+            size *= 2
+
+    def render(self, text: str, max_pages: int | None = None, overflow: str | None = None) -> RenderedText:
+        """Renders `text` into pages. `max_pages` / `overflow` override the renderer's settings."""
+        check_text("text", text)
+        max_pages = self.max_pages if max_pages is None else max_pages
+        overflow = self.overflow if overflow is None else overflow
+        self._check_overflow(max_pages, overflow)
+        text = normalize_text(text, self.tab_size)
+        offset, rows, truncated = self._rows(text, max_pages, overflow)
+        part = text[offset:]
+        ids, opens_cell, atlas = self._glyph_ids(part)
+        pages_rows = [rows[i : i + self.rows_per_page] for i in range(0, len(rows), self.rows_per_page)]
+        spans = [(offset + page[0][0], offset + page[-1][1]) for page in pages_rows]
+        pages, cells, replaced = self._draw_pages(part, ids, opens_cell, atlas, pages_rows)
+        kept = spans[-1][1] - spans[0][0] if spans else 0
+        dropped = None if not truncated else ("end" if overflow == "truncate" else "start")
         return RenderedText(
             pages=pages, spans=spans, text=text, cells=cells, truncated=truncated, dropped=dropped,
-            replaced=replaced, dropped_pages=dropped_pages,
+            cut_characters=len(text) - kept if truncated else 0, replaced=replaced,
         )
 
     def page_lines(self, text: str) -> list[list[str]]:
         """The lines each page would show (no `max_pages` limit): for reading or for other drawing code."""
+        check_text("text", text)
         text = normalize_text(text, self.tab_size)
-        _, opens_cell = self._glyph_ids(text)
-        rows = self._layout(text, opens_cell)
+        rows = self._layout(text, self._glyph_ids(text)[1])
         return [[text[start:visible_end] for start, _, visible_end in rows[i : i + self.rows_per_page]]
                 for i in range(0, len(rows), self.rows_per_page)]
 
@@ -460,3 +470,6 @@ class TextRenderer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
+
+
+__all__ = ["TextRenderer", "RenderedText", "normalize_text", "check_text", "reading_targets", "READING_CLASSES"]

@@ -46,7 +46,7 @@ def vision_config(kind: str = "clip", image_size: int = IMAGE_SIZE, hidden_size:
 def text_config(kind: str = "llama", hidden_size: int = 32):
     common = dict(
         hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        num_key_value_heads=2, vocab_size=VOCAB, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
     )
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind](**common)
 

@@ -17,10 +17,12 @@ from .tasks import (
     get_task,
     load_examples,
     markdown_table,
+    model_index,
     select_demonstrations,
 )
 
 __all__ = [
     "anls", "cider_d", "normalize_vqa_answer", "vqa_accuracy", "CONTEXT_MODES", "TASKS", "EvaluationResult", "Example",
-    "Task", "build_prompt", "evaluate", "get_task", "load_examples", "markdown_table", "select_demonstrations",
+    "Task", "build_prompt", "evaluate", "get_task", "load_examples", "markdown_table", "model_index",
+    "select_demonstrations",
 ]

@@ -1,9 +1,14 @@
-"""python -m visincontext.evaluation --model DIR --task easy-vqa --shots 0 4 --context-mode text rendered --output results.json"""
+"""python -m visincontext.evaluation --model DIR --task easy-vqa --shots 0 4 --context-mode text rendered --output results.json
+
+Exits 0 on success. A bad argument, unreadable data or an unwritable output is one line on stderr and exit 2; the
+output is checked before the model is loaded, and the JSON and markdown are written whole or not at all.
+"""
 
 import argparse
 import dataclasses
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -15,31 +20,41 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(prog="python -m visincontext.evaluation", description="Few-shot evaluation of a VisInContext model.")
     parser.add_argument("--model", required=True, help="folder or Hub id of a VisInContext model and processor")
-    parser.add_argument("--task", required=True, help=f"one of {sorted(TASKS)}")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS), metavar="TASK", help=f"one of {sorted(TASKS)}")
     parser.add_argument("--data", nargs="*", help="query data (files, or a Hub id); easy-vqa has an embedded default")
     parser.add_argument("--support-data", nargs="*", help="demonstration pool (default: the train split of the same source)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=200, help="evaluate the first N queries")
-    parser.add_argument("--support-limit", type=int, default=2000)
+    parser.add_argument("--limit", type=int, default=200, help="evaluate the first N queries (N >= 1)")
+    parser.add_argument("--support-limit", type=int, default=2000, help="read at most N demonstrations (N >= 1)")
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8, 16, 32])
-    parser.add_argument("--context-mode", nargs="+", default=list(CONTEXT_MODES), help=f"any of {CONTEXT_MODES}")
-    parser.add_argument("--selection", default="random", help=f"one of {SELECTIONS}")
+    parser.add_argument("--context-mode", nargs="+", default=list(CONTEXT_MODES), choices=list(CONTEXT_MODES))
+    parser.add_argument("--selection", default="random", choices=list(SELECTIONS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--output", default="results.json", help="JSON path; the markdown table goes next to it (.md)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("limit", "support_limit", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if any(k < 0 for k in args.shots):
+        parser.error(f"--shots: expected non-negative numbers, got {args.shots}")
+    if not args.output.endswith(".json"):
+        parser.error(f"--output: expected a .json file path, got {args.output!r}")
+    return args
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
+    """Parses the arguments, evaluates, writes the JSON and markdown reports; returns the report."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .tasks import evaluate, get_task, load_examples, markdown_table
+    from ..files import atomic_write_text, check_writable
+    from .tasks import evaluate, get_task, load_examples, markdown_table, model_index
 
     args = parse_args(argv)
+    output = check_writable("--output", args.output)
+    check_writable("--output", output.with_suffix(".md"))
     task = get_task(args.task)
-    if any(k < 0 for k in args.shots):
-        raise ValueError(f"shots: expected non-negative numbers, got {args.shots}")
     start = time.perf_counter()
     queries = load_examples(task, args.data, split=args.split, limit=args.limit)
     support_source = args.support_data if args.support_data is not None else args.data
@@ -61,22 +76,25 @@ def main(argv=None) -> dict:
         "config": model.config.to_dict(),
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "runtime_s": time.perf_counter() - start,
-        "results": [{k: v for k, v in dataclasses.asdict(r).items()} for r in results],
-        "model_index": [
-            {"task_type": task.hub_task_type, "task_name": f"{task.name} {r.shots}-shot ({r.context_mode})", "dataset_type": task.name,
-             "dataset_name": task.name, "dataset_split": args.split, "metric_type": r.metric, "metric_value": r.score}
-            for r in results
-        ],
+        "results": [dataclasses.asdict(r) for r in results],
+        "model_index": model_index(task, results, split=args.split),
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2, default=str))
     table = markdown_table(results)
-    output.with_suffix(".md").write_text(table + "\n")
+    atomic_write_text(output, json.dumps(report, indent=2, default=str))
+    atomic_write_text(output.with_suffix(".md"), table + "\n")
     print(table)
     print(f"wrote {output} and {output.with_suffix('.md')} in {report['runtime_s']:.1f}s")
     return report
 
 
+def main(argv=None) -> int:
+    try:
+        run(argv)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"python -m visincontext.evaluation: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

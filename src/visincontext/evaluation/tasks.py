@@ -64,8 +64,15 @@ def get_task(name: str) -> Task:
 # ---- loading ---------------------------------------------------------------------------------------
 
 
-def _from_record(record: dict, task: Task, index: int, image_root: Path | None) -> Example:
-    answers = record.get("answers", record.get("captions", record.get("answer", record.get("caption", record.get("label")))))
+ANSWER_KEYS = ("answers", "captions", "answer", "caption", "label")
+
+
+def _from_record(record: dict, task: Task, index: int, image_root: Path | None, source: str = "data") -> Example:
+    if not isinstance(record, dict):
+        raise ValueError(f"data: {source} record {index}: expected an object, got {type(record).__name__}")
+    answers = next((record[key] for key in ANSWER_KEYS if record.get(key) is not None), None)
+    if answers is None or answers == []:
+        raise ValueError(f"data: {source} record {index}: no answers (expected one of {list(ANSWER_KEYS)})")
     if isinstance(answers, (str, int)):
         answers = [answers]
     answers = [a["answer"] if isinstance(a, dict) else a for a in answers or []]
@@ -100,10 +107,7 @@ def load_examples(task: Task, data: list[str] | None, split: str = "test", limit
         examples = [_from_record(row, task, i, None) for i, row in enumerate(rows)]
         return examples[:limit] if limit else examples
     image_root = paths[-1] if len(paths) > 1 and paths[-1].is_dir() else paths[0].parent
-    if paths[0].suffix == ".jsonl":
-        records = [json.loads(line) for line in paths[0].read_text().splitlines() if line.strip()]
-    else:
-        records = json.loads(paths[0].read_text())
+    records = _read_records(paths[0])
     if isinstance(records, dict) and "questions" in records:  # official VQA format
         if len(paths) < 2:
             raise ValueError("data: the VQA questions file needs its annotations file next: questions.json annotations.json [images]")
@@ -119,8 +123,32 @@ def load_examples(task: Task, data: list[str] | None, split: str = "test", limit
              "captions": [" ".join(s["tokens"]) if "tokens" in s else s["raw"] for s in image["sentences"]]}
             for i, image in enumerate(records["images"]) if image.get("split", split) == split
         ]
-    examples = [_from_record(record, task, i, image_root) for i, record in enumerate(records)]
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: expected a positive number of examples, got {limit}")
+    examples = [_from_record(record, task, i, image_root, str(paths[0])) for i, record in enumerate(records)]
     return examples[:limit] if limit else examples
+
+
+def _read_records(path: Path):
+    """The records of a `.json` file, or of a `.jsonl` file line by line; a malformed line names the file and its
+    line number."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"data: cannot read {str(path)!r} ({error})") from None
+    if path.suffix != ".jsonl":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"data: {path} is not valid JSON (line {error.lineno} column {error.colno}: {error.msg})") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"data: {path} line {number}: not valid JSON (column {error.colno}: {error.msg})") from None
+    return records
 
 
 def _easy_vqa(split: str, limit: int | None) -> list[Example]:
@@ -257,6 +285,18 @@ def evaluate(
                     predictions=[{"id": q.id, "prediction": p, "answers": q.answers} for q, p in zip(queries[:20], predictions)],
                 ))
     return results
+
+
+def model_index(task: Task, results: list[EvaluationResult], split: str, dataset_name: str | None = None) -> list[dict]:
+    """`huggingface_hub.EvalResult` fields for the model card's model-index: one result per setting (shots and
+    context mode are the `dataset_config`, so the Hub does not merge them), each metric labelled with its setting."""
+    return [
+        {"task_type": task.hub_task_type, "task_name": f"{task.name} {r.shots}-shot ({r.context_mode})",
+         "dataset_type": task.name, "dataset_name": dataset_name or task.name, "dataset_split": split,
+         "dataset_config": f"{r.shots}-shot-{r.context_mode}", "metric_type": r.metric,
+         "metric_name": f"{r.metric} ({r.shots}-shot, {r.context_mode} context)", "metric_value": r.score}
+        for r in results
+    ]
 
 
 def markdown_table(results: list[EvaluationResult]) -> str:
