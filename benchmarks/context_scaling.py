@@ -1,7 +1,7 @@
 """In-context length vs training-step cost: text as raw tokens vs the same text rendered into pages.
 
     python benchmarks/context_scaling.py --preset small     # runs for real on this CPU
-    python benchmarks/context_scaling.py --preset paper     # Mistral-7B + CLIP ViT-L/14 shapes, measured on the meta device
+    python benchmarks/context_scaling.py --preset paper     # Mistral-7B + CLIP ViT-L/14 shapes, on the meta device
     python benchmarks/context_scaling.py --preset paper --device cuda   # real peak memory and step time on a GPU
 
 One training step (forward + backward; vision tower and LM body frozen, as in the paper) of the same
@@ -16,7 +16,6 @@ parameters + activations), and on a GPU `max_memory_allocated` and step time. Wr
 import argparse
 import contextlib
 import json
-import math
 import platform
 import random
 import time
@@ -36,34 +35,89 @@ PAPER_FIGURE = {  # showlab/VisInContext figures/gpu_memory.png (GB): raw text v
     "raw": {128: 54.5, 256: 71.0, 512: 83.0},
     "rendered": {256: 57.0, 512: 62.0, 1024: 68.0, 2048: 76.0},
 }
-WORDS = ("the model reads long context text rendered into images so that many more tokens fit in the same memory "
-         "while the language model attends to a few latents per page through gated cross attention layers").split()
+WORDS = (
+    "the model reads long context text rendered into images so that many more tokens fit in the same memory "
+    "while the language model attends to a few latents per page through gated cross attention layers"
+).split()
 
 
 def preset_config(name: str) -> tuple[VisInContextConfig, torch.dtype]:
     if name == "paper":
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                                  patch_size=14, image_size=224)
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            patch_size=14,
+            image_size=224,
+        )
         text = MistralConfig()  # Mistral-7B: hidden 4096, 32 layers, 32 heads (8 kv), vocab 32000
-        config = VisInContextConfig(vision_config=vision, text_config=text, cross_attention_every=4, num_latents=64,
-                                    image_token_id=32000, end_of_chunk_token_id=32001)
+        config = VisInContextConfig(
+            vision_config=vision,
+            text_config=text,
+            cross_attention_every=4,
+            num_latents=64,
+            image_token_id=32000,
+            end_of_chunk_token_id=32001,
+        )
         return config, torch.bfloat16
     if name == "small":  # runs for real on a CPU in minutes
-        vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                  patch_size=16, image_size=224)
-        text = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                           num_key_value_heads=8, vocab_size=1000, max_position_embeddings=1 << 18)
-        config = VisInContextConfig(vision_config=vision, text_config=text, cross_attention_every=2, num_latents=64,
-                                    resampler_depth=2, image_token_id=1000, end_of_chunk_token_id=1001)
+        vision = CLIPVisionConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            patch_size=16,
+            image_size=224,
+        )
+        text = LlamaConfig(
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            vocab_size=1000,
+            max_position_embeddings=1 << 18,
+        )
+        config = VisInContextConfig(
+            vision_config=vision,
+            text_config=text,
+            cross_attention_every=2,
+            num_latents=64,
+            resampler_depth=2,
+            image_token_id=1000,
+            end_of_chunk_token_id=1001,
+        )
         return config, torch.float32
     if name == "tiny":  # for tests: seconds
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                  patch_size=8, image_size=128)
-        text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=4, vocab_size=1000, max_position_embeddings=1 << 16)
-        config = VisInContextConfig(vision_config=vision, text_config=text, cross_attention_every=2, num_latents=16,
-                                    resampler_depth=1, resampler_num_heads=2, resampler_head_dim=16,
-                                    image_token_id=1000, end_of_chunk_token_id=1001)
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=8,
+            image_size=128,
+        )
+        text = LlamaConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=1000,
+            max_position_embeddings=1 << 16,
+        )
+        config = VisInContextConfig(
+            vision_config=vision,
+            text_config=text,
+            cross_attention_every=2,
+            num_latents=16,
+            resampler_depth=1,
+            resampler_num_heads=2,
+            resampler_head_dim=16,
+            image_token_id=1000,
+            end_of_chunk_token_id=1001,
+        )
         return config, torch.float32
     raise ValueError(f"preset: expected 'paper', 'small' or 'tiny', got {name!r}")
 
@@ -110,14 +164,22 @@ def training_step(model, inputs: dict, attention_shapes: set, device: str) -> di
     # not in its registry) and which the meta device uses too: CPU and meta counts agree.
     backend = contextlib.nullcontext() if device == "cuda" else sdpa_kernel(SDPBackend.MATH)
     start = time.perf_counter()
-    with backend, torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), FlopCounterMode(display=False) as flops:
+    with (
+        backend,
+        torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack),
+        FlopCounterMode(display=False) as flops,
+    ):
         loss = model(**inputs).loss
         loss.backward()
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
-    result = {"flops": flops.get_total_flops(), "saved_bytes": saved.total, "saved_bytes_flash": saved.total - saved.attention}
+    result = {
+        "flops": flops.get_total_flops(),
+        "saved_bytes": saved.total,
+        "saved_bytes_flash": saved.total - saved.attention,
+    }
     if device != "meta":
         result["step_time_s"] = elapsed
     if device == "cuda":
@@ -147,25 +209,48 @@ def measure(preset: str, lengths: list[int], device: str, seed: int, chars_per_t
         pages = renderer.render(text)
         num_pages = len(pages)
         prompt = torch.randint(0, 1000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(seed)).to(device)
-        raw_ids = torch.randint(0, 1000, (1, length + PROMPT_TOKENS), generator=torch.Generator().manual_seed(seed + 1)).to(device)
+        raw_ids = torch.randint(
+            0, 1000, (1, length + PROMPT_TOKENS), generator=torch.Generator().manual_seed(seed + 1)
+        ).to(device)
         raw_labels = raw_ids.clone()
         raw_labels[:, :length] = -100  # trained on the continuation only, like the rendered step
-        raw = training_step(model, {"input_ids": raw_ids, "labels": raw_labels},
-                            {(length + PROMPT_TOKENS, length + PROMPT_TOKENS)}, device)
-        pixels = torch.from_numpy(pages.pages).to(torch.float32).div(127.5).sub(1.0)[None, :, None].expand(-1, -1, 3, -1, -1)
+        raw = training_step(
+            model,
+            {"input_ids": raw_ids, "labels": raw_labels},
+            {(length + PROMPT_TOKENS, length + PROMPT_TOKENS)},
+            device,
+        )
+        pixels = (
+            torch.from_numpy(pages.pages).to(torch.float32).div(127.5).sub(1.0)[None, :, None].expand(-1, -1, 3, -1, -1)
+        )
         slots = num_pages * config.num_latents
         rendered = training_step(
-            model, {"input_ids": prompt, "labels": prompt, "context_pixel_values": pixels.to(device, dtype)},
-            {(PROMPT_TOKENS, PROMPT_TOKENS), (PROMPT_TOKENS, slots), (PROMPT_TOKENS, slots + config.num_latents)}, device,
+            model,
+            {"input_ids": prompt, "labels": prompt, "context_pixel_values": pixels.to(device, dtype)},
+            {(PROMPT_TOKENS, PROMPT_TOKENS), (PROMPT_TOKENS, slots), (PROMPT_TOKENS, slots + config.num_latents)},
+            device,
         )
         for result in (raw, rendered):
             result["estimated_memory_bytes"] = static + result["saved_bytes_flash"]
-        rows.append({
-            "context_tokens": length, "characters": len(text), "pages": num_pages, "latents_per_page": config.num_latents,
-            "latents": slots, "compression_tokens_per_latent": length / slots, "raw": raw, "rendered": rendered,
-        })
-        print(f"{length:>7} tokens {num_pages:>4} pages | FLOPs raw {raw['flops']:.3e} rendered {rendered['flops']:.3e} | "
-              f"saved raw {raw['saved_bytes_flash'] / 2**30:7.2f} GiB rendered {rendered['saved_bytes_flash'] / 2**30:7.2f} GiB", flush=True)
+        rows.append(
+            {
+                "context_tokens": length,
+                "characters": len(text),
+                "pages": num_pages,
+                "latents_per_page": config.num_latents,
+                "latents": slots,
+                "compression_tokens_per_latent": length / slots,
+                "raw": raw,
+                "rendered": rendered,
+            }
+        )
+        print(
+            f"{length:>7} tokens {num_pages:>4} pages | FLOPs raw {raw['flops']:.3e} "
+            f"rendered {rendered['flops']:.3e} | "
+            f"saved raw {raw['saved_bytes_flash'] / 2**30:7.2f} GiB "
+            f"rendered {rendered['saved_bytes_flash'] / 2**30:7.2f} GiB",
+            flush=True,
+        )
     return {"static_bytes": static, "rows": rows, "dtype": str(dtype), "chars_per_token": chars_per_token}
 
 
@@ -198,14 +283,28 @@ def plot(result: dict, path: Path, preset: str) -> None:
     lengths = [r["context_tokens"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for side, color in (("raw", "#d62728"), ("rendered", "#1f77b4")):
-        axes[0].plot(lengths, [r[side]["estimated_memory_bytes"] / 1e9 for r in rows], "o-", color=color, label=f"{side} (estimated)")
+        axes[0].plot(
+            lengths,
+            [r[side]["estimated_memory_bytes"] / 1e9 for r in rows],
+            "o-",
+            color=color,
+            label=f"{side} (estimated)",
+        )
         if "peak_memory_bytes" in rows[0][side]:
-            axes[0].plot(lengths, [r[side]["peak_memory_bytes"] / 1e9 for r in rows], "s--", color=color, label=f"{side} (measured, GPU)")
+            axes[0].plot(
+                lengths,
+                [r[side]["peak_memory_bytes"] / 1e9 for r in rows],
+                "s--",
+                color=color,
+                label=f"{side} (measured, GPU)",
+            )
         axes[1].plot(lengths, [r[side]["flops"] / 1e12 for r in rows], "o-", color=color, label=side)
     if preset == "paper":
         for side, color in (("raw", "#d62728"), ("rendered", "#1f77b4")):
             points = PAPER_FIGURE[side]
-            axes[0].plot(list(points), list(points.values()), "x:", color=color, alpha=0.6, label=f"{side} (paper figure)")
+            axes[0].plot(
+                list(points), list(points.values()), "x:", color=color, alpha=0.6, label=f"{side} (paper figure)"
+            )
         axes[0].axhline(80, color="gray", linestyle=":", label="80 GB")
     for ax, label in ((axes[0], "training-step memory (GB)"), (axes[1], "training-step TFLOPs")):
         ax.set_xscale("log", base=2)
@@ -223,10 +322,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small", choices=["paper", "small", "tiny"])
     parser.add_argument("--device", default=None, help="meta (paper preset default), cpu (small default) or cuda")
-    parser.add_argument("--lengths", type=int, nargs="+", default=None,
-                        help="default 256 ... 8192; on a CPU up to 4096 (raw 8192 needs > 24 GB with CPU attention)")
-    parser.add_argument("--extra-lengths", type=int, nargs="*", default=None,
-                        help="longer lengths for the 80 GB search (default on meta: up to 131072)")
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="default 256 ... 8192; on a CPU up to 4096 (raw 8192 needs > 24 GB with CPU attention)",
+    )
+    parser.add_argument(
+        "--extra-lengths",
+        type=int,
+        nargs="*",
+        default=None,
+        help="longer lengths for the 80 GB search (default on meta: up to 131072)",
+    )
     parser.add_argument("--chars-per-token", type=float, default=4.0, help="characters per token of English BPE text")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None)
@@ -235,12 +344,22 @@ def main() -> None:
     device = args.device or ("meta" if args.preset == "paper" else "cpu")
     if args.lengths is None:
         args.lengths = [256, 512, 1024, 2048, 4096] + ([] if device == "cpu" else [8192])
-    extra = args.extra_lengths if args.extra_lengths is not None else ([16384, 32768, 65536, 131072] if device == "meta" else [])
+    extra = (
+        args.extra_lengths
+        if args.extra_lengths is not None
+        else ([16384, 32768, 65536, 131072] if device == "meta" else [])
+    )
     result = measure(args.preset, args.lengths + extra, device, args.seed, args.chars_per_token)
     result.update(
-        preset=args.preset, device=device, seed=args.seed, lengths=args.lengths + extra,
-        machine={"platform": platform.platform(), "python": platform.python_version(),
-                 "gpu": torch.cuda.get_device_name() if device == "cuda" else None},
+        preset=args.preset,
+        device=device,
+        seed=args.seed,
+        lengths=args.lengths + extra,
+        machine={
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        },
         versions={"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         paper_figure_gb=PAPER_FIGURE,
     )

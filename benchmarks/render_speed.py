@@ -56,7 +56,10 @@ def processor_speed(batch_size: int = 8, repeats: int = 5) -> dict:
 
     processor = tiny_processor(image_size=224, line_height=16)  # CLIP image processor at 224 px, byte tokenizer
     rng = np.random.default_rng(0)
-    images = [[Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(2)] for _ in range(batch_size)]
+    images = [
+        [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(2)]
+        for _ in range(batch_size)
+    ]
     text = SAMPLE
     while len(processor.renderer.render(text + SAMPLE)) <= 4:  # as much text as fills 4 pages
         text += SAMPLE
@@ -87,7 +90,10 @@ def plot(result: dict, path: Path) -> None:
     values = [result["pil_pages_per_s"], result["renderer_pages_per_s"]]
     ax.bar(names, values, color=["#999999", "#1f77b4"])
     ax.set_ylabel("pages / s (one process)")
-    ax.set_title(f"Rendering {result['geometry']['page_width']}x{result['geometry']['page_height']} pages: {result['speedup']:.1f}x")
+    ax.set_title(
+        f"Rendering {result['geometry']['page_width']}x{result['geometry']['page_height']} pages: "
+        f"{result['speedup']:.1f}x"
+    )
     for x, v in enumerate(values):
         ax.text(x, v, f"{v:,.0f}", ha="center", va="bottom")
     fig.tight_layout()
@@ -97,15 +103,20 @@ def plot(result: dict, path: Path) -> None:
 def long_context_speed(renderer: TextRenderer, characters: int = 10_000_000, max_pages: int = 8) -> dict:
     """Seconds to keep `max_pages` of a 10 MB context (one unbroken word, and prose in paragraphs), per overflow
     policy: the renderer lays out only what it keeps, so this does not grow with the text."""
-    texts = {"one 10 MB word": "x" * characters,
-             "10 MB of prose": (SAMPLE * (characters // len(SAMPLE) // 50 + 1) + "\n") * 50}
+    texts = {
+        "one 10 MB word": "x" * characters,
+        "10 MB of prose": (SAMPLE * (characters // len(SAMPLE) // 50 + 1) + "\n") * 50,
+    }
     timings = {}
     for name, text in texts.items():
         for overflow in ("keep_end", "truncate"):
             start = time.perf_counter()
             result = renderer.render(text[:characters], max_pages=max_pages, overflow=overflow)
-            timings[f"{name}, {overflow}"] = {"seconds": time.perf_counter() - start, "pages": len(result),
-                                              "cut_characters": result.cut_characters}
+            timings[f"{name}, {overflow}"] = {
+                "seconds": time.perf_counter() - start,
+                "pages": len(result),
+                "cut_characters": result.cut_characters,
+            }
     print(json.dumps(timings, indent=2))
     return {"characters": characters, "max_pages": max_pages, "timings": timings}
 
@@ -123,7 +134,11 @@ def main() -> None:
     ours_pages, ours_seconds = renderer_speed(renderer, text)
     assert pil_pages == ours_pages
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+        },
         "versions": {"numpy": np.__version__, "pillow": Image.__version__},
         "preset": "default",
         "seed": 0,
@@ -140,7 +155,12 @@ def main() -> None:
     output.write_text(json.dumps(result, indent=2))
     plot(result, output.with_suffix(".png"))
     renderer.render(SAMPLE * 3).to_images()[0].save(output.with_name("rendered_page.png"))
-    print(json.dumps({k: result[k] for k in ("pages", "pil_pages_per_s", "renderer_pages_per_s", "speedup", "processor")}, indent=2))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("pages", "pil_pages_per_s", "renderer_pages_per_s", "speedup", "processor")},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

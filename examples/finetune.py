@@ -2,7 +2,8 @@
 
     python examples/finetune.py --output_dir outputs/finetune --max_steps 30
     python examples/finetune.py --model_name_or_path outputs/pretrain --lora_r 16 --output_dir outputs/lora
-    python examples/finetune.py --model_name_or_path outputs/pretrain --lora_r 16 --load_in_4bit --output_dir outputs/qlora
+    python examples/finetune.py --model_name_or_path outputs/pretrain --lora_r 16 --load_in_4bit \
+        --output_dir outputs/qlora
 
 Without a model it trains a tiny random one on the easy-VQA sample in examples/data (offline, CPU).
 """

@@ -59,8 +59,15 @@ def run(args: argparse.Namespace) -> list[tuple[str, int]]:
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     folder = prepare_repo(
-        model, processor, out, eval_results=eval_results, repo_id=args.repo_id, overwrite=args.overwrite,
-        base_models=args.base_model, datasets=args.dataset, license=args.license,
+        model,
+        processor,
+        out,
+        eval_results=eval_results,
+        repo_id=args.repo_id,
+        overwrite=args.overwrite,
+        base_models=args.base_model,
+        datasets=args.dataset,
+        license=args.license,
     )
     return publish(folder, args.repo_id, private=args.private, token=args.token, dry_run=args.dry_run)
 

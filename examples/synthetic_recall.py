@@ -131,9 +131,13 @@ class HeldOutEvaluation(TrainerCallback):
         minutes = (time.time() - self.start) / 60
         if state.global_step % self.args.eval_every == 0:
             exact, _ = exact_match(self.model, self.processor, self.eval_samples, blank=self.blank)
-            point = {"step": state.global_step, "minutes": round(minutes, 2), "held_out_exact_match": exact,
-                     "train_value_digit_accuracy": round(_mean(self.digit_accuracy[-50:]), 4),
-                     "train_reading_loss": round(_mean(self.reading_loss[-50:]), 4)}
+            point = {
+                "step": state.global_step,
+                "minutes": round(minutes, 2),
+                "held_out_exact_match": exact,
+                "train_value_digit_accuracy": round(_mean(self.digit_accuracy[-50:]), 4),
+                "train_reading_loss": round(_mean(self.reading_loss[-50:]), 4),
+            }
             self.curve.append(point)
             print(json.dumps(point), flush=True)
         if minutes >= self.args.minutes:
@@ -170,15 +174,39 @@ def build_model(seed: int, reading_loss_weight: float) -> VisInContextForConditi
     small widths leaves every attention uniform for thousands of steps. One latent per patch, and the package's
     reading objective with 4 cells per latent: latent i spells out the 4 characters of patch i."""
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=PAGE_SIZE, patch_size=PATCH_SIZE)
-    text = LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=128)
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=PAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    text = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+    )
     config = VisInContextConfig(
-        vision_config=vision, text_config=text, num_latents=GRID * GRID, resampler_depth=1, resampler_num_heads=4,
-        resampler_head_dim=16, cross_attention_every=1, cross_attention_num_heads=4, cross_attention_head_dim=32,
-        contrastive_loss_weight=0.0, freeze_vision_tower=False, freeze_language_model=False,
-        image_token_id=IMAGE_ID, end_of_chunk_token_id=EOC_ID, reading_loss_weight=reading_loss_weight,
+        vision_config=vision,
+        text_config=text,
+        num_latents=GRID * GRID,
+        resampler_depth=1,
+        resampler_num_heads=4,
+        resampler_head_dim=16,
+        cross_attention_every=1,
+        cross_attention_num_heads=4,
+        cross_attention_head_dim=32,
+        contrastive_loss_weight=0.0,
+        freeze_vision_tower=False,
+        freeze_language_model=False,
+        image_token_id=IMAGE_ID,
+        end_of_chunk_token_id=EOC_ID,
+        reading_loss_weight=reading_loss_weight,
         reading_cells_per_latent=CHARS_PER_PATCH,
     )
     model = VisInContextForConditionalGeneration(config)
@@ -211,25 +239,52 @@ def train(args, blank: bool, max_steps: int) -> dict:
     evaluation = HeldOutEvaluation(model, processor, evaluation_set(args.seed + 1, args.eval_size), blank, args)
     scratch_dir = tempfile.TemporaryDirectory(prefix="synthetic_recall_")
     training_args = TrainingArguments(
-        output_dir=scratch_dir.name, max_steps=max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=100,
-        weight_decay=0.0, max_grad_norm=1.0, logging_steps=100, save_strategy="no", report_to=[],
-        use_cpu=True, seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=args.quiet,
+        output_dir=scratch_dir.name,
+        max_steps=max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=100,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=100,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=args.quiet,
     )
-    trainer = RecallTrainer(model=model, args=training_args, train_dataset=FactStream(args.seed, blank),
-                            data_collator=VisInContextCollator(processor, reading_layout=(GRID * GRID, CHARS_PER_PATCH)),
-                            processing_class=processor, callbacks=[evaluation], evaluation=evaluation)
+    trainer = RecallTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=FactStream(args.seed, blank),
+        data_collator=VisInContextCollator(processor, reading_layout=(GRID * GRID, CHARS_PER_PATCH)),
+        processing_class=processor,
+        callbacks=[evaluation],
+        evaluation=evaluation,
+    )
     started = time.time()
     trainer.train()
     scratch_dir.cleanup()  # nothing is checkpointed: the results are the figures below
     minutes = (time.time() - started) / 60
     final_set = evaluation_set(args.seed + 2, args.final_eval_size)
     exact, hits = exact_match(model, processor, final_set, blank=blank)
-    by_facts = {n: _mean([h for h, s in zip(hits, final_set) if s["num_facts"] == n])
-                for n in range(EVAL_FACTS[0], EVAL_FACTS[1] + 1)}
-    return {"blank_pages": blank, "steps": trainer.state.global_step, "training_minutes": round(minutes, 2),
-            "held_out_exact_match": exact, "exact_match_by_facts_per_page": by_facts, "curve": evaluation.curve,
-            "model": model, "processor": processor}
+    by_facts = {
+        n: _mean([h for h, s in zip(hits, final_set) if s["num_facts"] == n])
+        for n in range(EVAL_FACTS[0], EVAL_FACTS[1] + 1)
+    }
+    return {
+        "blank_pages": blank,
+        "steps": trainer.state.global_step,
+        "training_minutes": round(minutes, 2),
+        "held_out_exact_match": exact,
+        "exact_match_by_facts_per_page": by_facts,
+        "curve": evaluation.curve,
+        "model": model,
+        "processor": processor,
+    }
 
 
 def save_figures(results: dict, output_dir: Path, processor) -> None:
@@ -243,8 +298,13 @@ def save_figures(results: dict, output_dir: Path, processor) -> None:
         steps = [p["step"] for p in run["curve"]]
         axis.plot(steps, [100 * p["held_out_exact_match"] for p in run["curve"]], label=f"{name}: held-out exact match")
         if not run["blank_pages"] and results["arguments"]["reading_loss_weight"] > 0:
-            axis.plot(steps, [25 * p["train_reading_loss"] for p in run["curve"]], "--", alpha=0.6,
-                      label=f"{name}: reading loss (x 25)")
+            axis.plot(
+                steps,
+                [25 * p["train_reading_loss"] for p in run["curve"]],
+                "--",
+                alpha=0.6,
+                label=f"{name}: reading loss (x 25)",
+            )
     axis.axhline(100 * results["chance"], color="black", ls=":", label="chance (1 in 100)")
     axis.set_xlabel("training step")
     axis.set_ylabel("%")
@@ -260,8 +320,9 @@ def save_figures(results: dict, output_dir: Path, processor) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=5.0, help="Training time budget of the rendered-page run.")
-    parser.add_argument("--max_steps", type=int, default=100_000,
-                        help="Step cap (the time budget usually stops first).")
+    parser.add_argument(
+        "--max_steps", type=int, default=100_000, help="Step cap (the time budget usually stops first)."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
@@ -274,8 +335,16 @@ def main(argv=None):
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     args = parser.parse_args(argv)
-    positive = ("minutes", "eval_every", "eval_size", "final_eval_size", "batch_size", "max_steps", "threads",
-                "learning_rate")
+    positive = (
+        "minutes",
+        "eval_every",
+        "eval_size",
+        "final_eval_size",
+        "batch_size",
+        "max_steps",
+        "threads",
+        "learning_rate",
+    )
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name}: expected a positive number, got {getattr(args, name)}")
@@ -291,15 +360,19 @@ def main(argv=None):
         runs["blank pages (control)"] = train(control_args, blank=True, max_steps=runs["rendered pages"]["steps"])
     results = {
         "task": "generate the two-digit value of a held-out (key, value) pair asked about, "
-                "from a rendered page of 4-8 facts",
-        "seed": args.seed, "chance": 1 / NUM_VALUES, "arguments": vars(args),
+        "from a rendered page of 4-8 facts",
+        "seed": args.seed,
+        "chance": 1 / NUM_VALUES,
+        "arguments": vars(args),
         "runs": {name: {k: v for k, v in run.items() if k not in ("model", "processor")} for name, run in runs.items()},
     }
     (output_dir / "synthetic_recall.json").write_text(json.dumps(results, indent=2))
     save_figures(results, output_dir, processor)
     for name, run in results["runs"].items():
-        print(f"{name}: held-out exact match {100 * run['held_out_exact_match']:.1f}% after {run['steps']} steps "
-              f"({run['training_minutes']} min); chance {100 * results['chance']:.0f}%")
+        print(
+            f"{name}: held-out exact match {100 * run['held_out_exact_match']:.1f}% after {run['steps']} steps "
+            f"({run['training_minutes']} min); chance {100 * results['chance']:.0f}%"
+        )
     return results
 
 

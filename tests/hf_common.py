@@ -50,8 +50,19 @@ def ensure_common_tests() -> Path:
         download = root / "sdist"
         download.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-             f"transformers=={transformers.__version__}", "-d", str(download)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-q",
+                f"transformers=={transformers.__version__}",
+                "-d",
+                str(download),
+            ],
             check=True,
         )
         (archive,) = download.glob("transformers-*.tar.gz")

@@ -3,8 +3,6 @@
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
@@ -34,6 +32,7 @@ def test_context_scaling_grows_and_raw_grows_faster():
 
 def test_render_speed_measures_the_same_pages():
     import render_speed
+
     from visincontext.rendering_visincontext import TextRenderer
 
     renderer = TextRenderer()

@@ -15,10 +15,10 @@ import re
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -51,12 +51,28 @@ def fresh_environment(folder: Path, transformers_requirement: str) -> tuple[Path
     python = folder / "bin" / "python"
     torch_version = torch.__version__.split("+")[0]
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", f"torch=={torch_version}", transformers_requirement, "pillow", "pytest"],
-        capture_output=True, text=True, timeout=1200,
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            f"torch=={torch_version}",
+            transformers_requirement,
+            "pillow",
+            "pytest",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert install.returncode == 0, install.stderr[-3000:]
-    version = subprocess.run([str(python), "-c", "import transformers; print(transformers.__version__)"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    version = subprocess.run(
+        [str(python), "-c", "import transformers; print(transformers.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     return python, version
 
 
@@ -74,8 +90,9 @@ def hub_folder(tmp_path_factory):
             if name.endswith(("attn_gate", "ff_gate")):
                 param.fill_(0.7)
     out = prepare_repo(model.eval(), processor, tmp_path_factory.mktemp("hub") / "repo")
-    inputs = processor(images=[Image.new("RGB", (40, 30), (200, 30, 30))], text=PROMPT, context=CONTEXT,
-                       return_tensors="pt")
+    inputs = processor(
+        images=[Image.new("RGB", (40, 30), (200, 30, 30))], text=PROMPT, context=CONTEXT, return_tensors="pt"
+    )
     expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0].tolist()
     return out, expected
 
@@ -88,7 +105,8 @@ assert importlib.util.find_spec("visincontext") is None, "visincontext must not 
 folder, prompt, context = sys.argv[1:4]
 model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-inputs = processor(images=[Image.new("RGB", (40, 30), (200, 30, 30))], text=prompt, context=context, return_tensors="pt")
+image = Image.new("RGB", (40, 30), (200, 30, 30))
+inputs = processor(images=[image], text=prompt, context=context, return_tensors="pt")
 print("TOKENS", json.dumps(model.generate(**inputs, max_new_tokens=8, do_sample=False)[0].tolist()))
 """
 
@@ -102,8 +120,14 @@ def test_fresh_environment_keeps_the_invariants_and_loads_a_hub_folder(end, hub_
         assert Version(version) == Version(lowest_declared()), version
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}")
     env.pop("VIRTUAL_ENV", None)
-    tests = subprocess.run([str(python), "-m", "pytest", "-m", "invariant", "-q", "-p", "no:cacheprovider", *INVARIANT_TESTS],
-                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=1800)
+    tests = subprocess.run(
+        [str(python), "-m", "pytest", "-m", "invariant", "-q", "-p", "no:cacheprovider", *INVARIANT_TESTS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     summary = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else ""
     print(f"{end}: transformers {version}: {summary}")
     assert tests.returncode == 0, tests.stdout[-4000:] + tests.stderr[-2000:]
@@ -111,8 +135,14 @@ def test_fresh_environment_keeps_the_invariants_and_loads_a_hub_folder(end, hub_
 
     folder, expected = hub_folder
     bare = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-    loaded = subprocess.run([str(python), "-c", textwrap.dedent(LOAD_FOLDER), str(folder), PROMPT, CONTEXT],
-                            cwd=tmp_path, capture_output=True, text=True, env=bare, timeout=600)
+    loaded = subprocess.run(
+        [str(python), "-c", textwrap.dedent(LOAD_FOLDER), str(folder), PROMPT, CONTEXT],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=bare,
+        timeout=600,
+    )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     tokens = json.loads(loaded.stdout.split("TOKENS")[1].strip())
     assert tokens == expected, (version, tokens, expected)

@@ -5,7 +5,15 @@ import json
 import pytest
 
 from visincontext.evaluation import (
-    Example, anls, build_prompt, cider_d, get_task, load_examples, normalize_vqa_answer, select_demonstrations, vqa_accuracy,
+    Example,
+    anls,
+    build_prompt,
+    cider_d,
+    get_task,
+    load_examples,
+    normalize_vqa_answer,
+    select_demonstrations,
+    vqa_accuracy,
 )
 from visincontext.evaluation.__main__ import run as evaluation_main
 from visincontext.training import DataArguments, ModelArguments, build_model_and_processor
@@ -60,8 +68,10 @@ def test_anls_exact_near_far():
 
 def test_prompts_for_four_shots_in_both_modes():
     task = get_task("easy-vqa")
-    support = [Example(question=f"what shape is {i}?", answers=[a], image="x.png", id=str(i))
-               for i, a in enumerate(["circle", "square", "triangle", "circle", "square", "rectangle"])]
+    support = [
+        Example(question=f"what shape is {i}?", answers=[a], image="x.png", id=str(i))
+        for i, a in enumerate(["circle", "square", "triangle", "circle", "square", "rectangle"])
+    ]
     query = Example(question="what color is the shape?", answers=["red"], image="q.png", id="q")
     (demos,) = select_demonstrations([query], support, 4, seed=3)
     assert demos == select_demonstrations([query], support, 4, seed=3)[0]
@@ -88,11 +98,31 @@ def test_end_to_end_on_easy_vqa(tmp_path):
     model, processor = build_model_and_processor(ModelArguments(), DataArguments())
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
-    report = evaluation_main(["--model", str(tmp_path / "model"), "--task", "easy-vqa", "--shots", "0", "4", "--limit", "200",
-                              "--batch-size", "25", "--output", str(tmp_path / "out" / "results.json")])
+    report = evaluation_main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--task",
+            "easy-vqa",
+            "--shots",
+            "0",
+            "4",
+            "--limit",
+            "200",
+            "--batch-size",
+            "25",
+            "--output",
+            str(tmp_path / "out" / "results.json"),
+        ]
+    )
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["seed"] == 0 and saved["config"]["model_type"] == "visincontext" and saved["runtime_s"] > 0
-    assert {(r["shots"], r["context_mode"]) for r in saved["results"]} == {(0, "text"), (0, "rendered"), (4, "text"), (4, "rendered")}
+    assert {(r["shots"], r["context_mode"]) for r in saved["results"]} == {
+        (0, "text"),
+        (0, "rendered"),
+        (4, "text"),
+        (4, "rendered"),
+    }
     assert all(0.0 <= r["score"] <= 1.0 and r["num_examples"] == 200 for r in saved["results"])
     table = (tmp_path / "out" / "results.md").read_text()
     assert table.startswith("| task | shots | text | rendered |") and "| easy-vqa | 4 |" in table

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from tiny import IMAGE_ID, sample_batch, tiny_config, tiny_model, tiny_processor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"))
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd or ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd or ROOT, timeout=600
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
@@ -45,8 +46,17 @@ def saved_model(tmp_path_factory):
 def test_render_cli_exits_0_and_fails_with_one_line(tmp_path):
     done = cli("-m", "visincontext.render", "some text", "-o", str(tmp_path / "page.png"))
     assert done.returncode == 0 and done.stdout.strip() == f"1 pages -> {tmp_path / 'page.png'}"
-    overflow = cli("-m", "visincontext.render", "x " * 5000, "--max-pages", "1", "--overflow", "error",
-                   "-o", str(tmp_path / "cut.png"))
+    overflow = cli(
+        "-m",
+        "visincontext.render",
+        "x " * 5000,
+        "--max-pages",
+        "1",
+        "--overflow",
+        "error",
+        "-o",
+        str(tmp_path / "cut.png"),
+    )
     assert_one_line_error(overflow, "max_pages")
     (tmp_path / "folder.png").mkdir()
     assert_one_line_error(cli("-m", "visincontext.render", "text", "-o", str(tmp_path / "folder.png")), "--output")
@@ -103,27 +113,55 @@ def test_publish_script_fails_with_one_line_and_model_index_entries_stay_apart(s
 
     script = str(ROOT / "examples" / "publish.py")
     results = [
-        {"task_type": "visual-question-answering", "dataset_type": "easy-vqa", "dataset_name": "easy-VQA",
-         "dataset_config": f"{shots}-shot-{mode}", "metric_type": "vqa_accuracy",
-         "metric_name": f"vqa_accuracy ({shots}-shot, {mode} context)", "metric_value": value}
+        {
+            "task_type": "visual-question-answering",
+            "dataset_type": "easy-vqa",
+            "dataset_name": "easy-VQA",
+            "dataset_config": f"{shots}-shot-{mode}",
+            "metric_type": "vqa_accuracy",
+            "metric_name": f"vqa_accuracy ({shots}-shot, {mode} context)",
+            "metric_value": value,
+        }
         for (shots, mode), value in {(0, "text"): 0.25, (4, "text"): 0.5, (4, "rendered"): 0.75}.items()
     ]
     (tmp_path / "results.json").write_text(json.dumps(results))
-    args = ["--model", str(saved_model), "--out", str(tmp_path / "hub"), "--repo-id", "you/tiny", "--dry-run",
-            "--eval-results", str(tmp_path / "results.json")]
+    args = [
+        "--model",
+        str(saved_model),
+        "--out",
+        str(tmp_path / "hub"),
+        "--repo-id",
+        "you/tiny",
+        "--dry-run",
+        "--eval-results",
+        str(tmp_path / "results.json"),
+    ]
     first = cli(script, *args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert_one_line_error(cli(script, *args), "--out")  # run again without --overwrite
     card = ModelCard.load(tmp_path / "hub" / "README.md")
     entries = card.data.to_dict()["model-index"][0]["results"]
-    assert len(entries) == 3 and sorted(e["dataset"]["config"] for e in entries) == ["0-shot-text", "4-shot-rendered",
-                                                                                     "4-shot-text"]
+    assert len(entries) == 3 and sorted(e["dataset"]["config"] for e in entries) == [
+        "0-shot-text",
+        "4-shot-rendered",
+        "4-shot-text",
+    ]
     assert [len(e["metrics"]) for e in entries] == [1, 1, 1]
     assert "before every layer of the language model" in card.text and "1. layer" not in card.text
     results[1]["metric_value"] = "high"
     (tmp_path / "bad.json").write_text(json.dumps(results))
-    bad = cli(script, "--model", str(saved_model), "--out", str(tmp_path / "hub2"), "--repo-id", "you/tiny", "--dry-run",
-              "--eval-results", str(tmp_path / "bad.json"))
+    bad = cli(
+        script,
+        "--model",
+        str(saved_model),
+        "--out",
+        str(tmp_path / "hub2"),
+        "--repo-id",
+        "you/tiny",
+        "--dry-run",
+        "--eval-results",
+        str(tmp_path / "bad.json"),
+    )
     assert_one_line_error(bad, "eval_results[1].metric_value: expected a number")
     assert not (tmp_path / "hub2").exists()
 
@@ -132,7 +170,13 @@ def test_card_placement_reads_right():
     from visincontext.hub import _placement
 
     assert [_placement(k) for k in (1, 2, 3, 4, 11, 22)] == [
-        "every layer", "every 2nd layer", "every 3rd layer", "every 4th layer", "every 11th layer", "every 22nd layer"]
+        "every layer",
+        "every 2nd layer",
+        "every 3rd layer",
+        "every 4th layer",
+        "every 11th layer",
+        "every 22nd layer",
+    ]
 
 
 def test_a_killed_runs_staging_and_temporary_files_are_cleaned_by_the_next_run(tmp_path):
@@ -176,10 +220,18 @@ def test_garbled_processor_config(tmp_path):
     "call,error,fragment",
     [
         (dict(text=[]), ValueError, "text: expected at least one prompt"),
-        (dict(images=[np.zeros((0, 0, 3), np.uint8)], text="<image>"), ValueError, "images: image 0 of sample 0 is empty"),
+        (
+            dict(images=[np.zeros((0, 0, 3), np.uint8)], text="<image>"),
+            ValueError,
+            "images: image 0 of sample 0 is empty",
+        ),
         (dict(images=[Image.new("RGB", (0, 5))], text="<image>"), ValueError, "images: image 0 of sample 0 is empty"),
         (dict(text="a", context="\t\ud800"), ValueError, r"context: lone surrogate U\+D800 at index 1 "),
-        (dict(text=["fine", "bad \udc80"], context=None), ValueError, r"text: lone surrogate U\+DC80 at index 4 of sample 1"),
+        (
+            dict(text=["fine", "bad \udc80"], context=None),
+            ValueError,
+            r"text: lone surrogate U\+DC80 at index 4 of sample 1",
+        ),
     ],
 )
 def test_processor_inputs(call, error, fragment):
@@ -190,16 +242,33 @@ def test_processor_inputs(call, error, fragment):
 @pytest.mark.parametrize(
     "change,error,fragment",
     [
-        (dict(pixel_values=torch.zeros(2, 2, 1, 32, 32)), ValueError, r"pixel_values: expected \(batch, images, 3, 32, 32\)"),
-        (dict(pixel_values=torch.zeros(2, 2, 3, 64, 64)), ValueError, r"pixel_values: expected \(batch, images, 3, 32, 32\)"),
+        (
+            dict(pixel_values=torch.zeros(2, 2, 1, 32, 32)),
+            ValueError,
+            r"pixel_values: expected \(batch, images, 3, 32, 32\)",
+        ),
+        (
+            dict(pixel_values=torch.zeros(2, 2, 3, 64, 64)),
+            ValueError,
+            r"pixel_values: expected \(batch, images, 3, 32, 32\)",
+        ),
         (dict(pixel_values=torch.zeros(2, 2, 32, 32, 3)), ValueError, "channels last"),
         (dict(context_pixel_values=torch.zeros(2, 3, 3, 16, 16)), ValueError, "context_pixel_values: expected"),
-        (dict(pixel_values=torch.zeros(2, 2, 3, 32, 32, dtype=torch.uint8)), TypeError, "pixel_values: expected a float"),
+        (
+            dict(pixel_values=torch.zeros(2, 2, 3, 32, 32, dtype=torch.uint8)),
+            TypeError,
+            "pixel_values: expected a float",
+        ),
         (dict(image_mask=torch.tensor([[1.0, 1.0], [1.0, 0.0]])), TypeError, "image_mask: expected a bool"),
         (dict(context_mask=torch.tensor([[2, 0, 0], [0, 0, 0]])), ValueError, "context_mask: expected 0/1"),
         (dict(labels=torch.zeros(2, 7, dtype=torch.long)), ValueError, r"labels: expected shape \(2, 11\)"),
-        (dict(input_ids=torch.zeros(2, 0, dtype=torch.long), attention_mask=None, pixel_values=None, image_mask=None),
-         ValueError, "input_ids: expected at least one token"),
+        (
+            dict(
+                input_ids=torch.zeros(2, 0, dtype=torch.long), attention_mask=None, pixel_values=None, image_mask=None
+            ),
+            ValueError,
+            "input_ids: expected at least one token",
+        ),
         (dict(context_input_ids=torch.zeros(3, 4, dtype=torch.long)), ValueError, "context_input_ids: expected"),
     ],
 )
@@ -215,6 +284,8 @@ def test_integer_masks_are_accepted_as_booleans():
     batch = sample_batch()
     with torch.no_grad():
         expected = model(**batch).logits
-        as_ints = model(**dict(batch, image_mask=batch["image_mask"].long(), context_mask=batch["context_mask"].int())).logits
+        as_ints = model(
+            **dict(batch, image_mask=batch["image_mask"].long(), context_mask=batch["context_mask"].int())
+        ).logits
     assert torch.equal(expected, as_ints)
     assert (batch["input_ids"] == IMAGE_ID).any()

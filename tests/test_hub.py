@@ -1,22 +1,33 @@
 """Publishing: model card, Hub-ready folder, upload (issue: hub)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForImageTextToText
 
-from visincontext.hub import build_model_card, prepare_repo, publish, repo_files
+from visincontext.hub import prepare_repo, publish, repo_files
 from visincontext.training import DataArguments, ModelArguments, build_model_and_processor
 
 EVALS = [
-    {"task_type": "visual-question-answering", "task_name": "easy-VQA 4-shot", "dataset_type": "easy-vqa",
-     "dataset_name": "easy-VQA", "dataset_split": "test", "metric_type": "accuracy", "metric_name": "VQA accuracy",
-     "metric_value": 0.4321},
-    {"task_type": "image-to-text", "dataset_type": "coco", "dataset_name": "COCO Karpathy", "metric_type": "cider",
-     "metric_value": 0.87},
+    {
+        "task_type": "visual-question-answering",
+        "task_name": "easy-VQA 4-shot",
+        "dataset_type": "easy-vqa",
+        "dataset_name": "easy-VQA",
+        "dataset_split": "test",
+        "metric_type": "accuracy",
+        "metric_name": "VQA accuracy",
+        "metric_value": 0.4321,
+    },
+    {
+        "task_type": "image-to-text",
+        "dataset_type": "coco",
+        "dataset_name": "COCO Karpathy",
+        "metric_type": "cider",
+        "metric_value": 0.87,
+    },
 ]
 BASES = ["openai/clip-vit-large-patch14", "mistralai/Mistral-7B-v0.1"]
 
@@ -33,8 +44,15 @@ def trained(tmp_path_factory):
 
 def test_card_parses_with_metadata_and_model_index(trained, tmp_path):
     model, processor = trained
-    out = prepare_repo(model, processor, tmp_path / "repo", eval_results=EVALS, base_models=BASES,
-                       datasets=["HuggingFaceM4/OBELICS"], repo_id="someone/visincontext-tiny")
+    out = prepare_repo(
+        model,
+        processor,
+        tmp_path / "repo",
+        eval_results=EVALS,
+        base_models=BASES,
+        datasets=["HuggingFaceM4/OBELICS"],
+        repo_id="someone/visincontext-tiny",
+    )
     card = ModelCard.load(out / "README.md")
     data = card.data
     assert data.library_name == "transformers" and data.pipeline_tag == "image-text-to-text"
@@ -59,7 +77,9 @@ def test_folder_has_no_pickle_and_shards_with_an_index(trained, tmp_path):
     reloaded = AutoModelForImageTextToText.from_pretrained(out)
     for name, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], value), name
-    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForImageTextToText"].startswith("modeling_")
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForImageTextToText"].startswith(
+        "modeling_"
+    )
     with pytest.raises(ValueError, match="out_dir"):
         prepare_repo(model, processor, out)  # exists
 
@@ -82,7 +102,11 @@ def test_publish_dry_run_and_upload_arguments(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw))
     publish(out, "someone/visincontext-tiny", token="hf_dummy", private=True, commit_message="first upload")
     assert calls["create"] == ("someone/visincontext-tiny", {"private": True, "exist_ok": True})
-    assert calls["upload"] == {"repo_id": "someone/visincontext-tiny", "folder_path": str(out), "commit_message": "first upload"}
+    assert calls["upload"] == {
+        "repo_id": "someone/visincontext-tiny",
+        "folder_path": str(out),
+        "commit_message": "first upload",
+    }
 
 
 def test_publish_without_token_fails_before_any_work(trained, tmp_path, monkeypatch):

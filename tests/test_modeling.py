@@ -5,12 +5,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+from tiny import EOC_ID, IMAGE_ID, VOCAB, open_gates, sample_batch, tiny_config, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CLIPVisionModel
 
-from tiny import EOC_ID, IMAGE_ID, VOCAB, open_gates, sample_batch, tiny_config, tiny_model, tiny_tokenizer
 from visincontext import VisInContextForConditionalGeneration
 
 BACKBONES = [("clip", "llama"), ("siglip", "qwen2"), ("clip", "mistral")]
@@ -50,20 +51,17 @@ def test_zero_gates_equal_bare_language_model(vision, text):
         assert (open_gates(model)(**batch).logits - reference).abs().max().item() > 1e-3
 
 
-def _chunk_slices(input_ids):
-    is_image = (input_ids == IMAGE_ID).long().cumsum(0)
-    return is_image
-
-
 def several_chunks_batch(seed: int = 0):
     """Two samples with 3 and 2 images in as many chunks, context pages, left padding: decoding continues the last
     chunk, so a cache that loses track of chunks reads the wrong image."""
     g = torch.Generator().manual_seed(seed)
     pad = 0
-    input_ids = torch.tensor([
-        [5, IMAGE_ID, 6, 7, EOC_ID, IMAGE_ID, 8, 9, EOC_ID, IMAGE_ID, 10, 11],
-        [pad, pad, pad, 12, IMAGE_ID, 13, 14, EOC_ID, IMAGE_ID, 15, 16, 17],
-    ])
+    input_ids = torch.tensor(
+        [
+            [5, IMAGE_ID, 6, 7, EOC_ID, IMAGE_ID, 8, 9, EOC_ID, IMAGE_ID, 10, 11],
+            [pad, pad, pad, 12, IMAGE_ID, 13, 14, EOC_ID, IMAGE_ID, 15, 16, 17],
+        ]
+    )
     attention_mask = (torch.arange(12) >= torch.tensor([[0], [3]])).long()
     return dict(
         input_ids=input_ids,
@@ -82,15 +80,24 @@ def test_cached_generation_equals_uncached_with_media_in_several_chunks(fusion):
     over the generated sequence, whose new tokens continue the last chunk."""
     model = open_gates(tiny_model(latent_fusion=fusion), 0.8)
     batch = several_chunks_batch()
-    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     cached = model.generate(**batch, use_cache=True, **kwargs)
     uncached = model.generate(**batch, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
     new = cached.sequences.shape[1] - batch["input_ids"].shape[1]
     assert new == 8
-    full = dict(batch, input_ids=cached.sequences,
-                attention_mask=torch.cat([batch["attention_mask"], torch.ones(2, new, dtype=torch.long)], 1))
+    full = dict(
+        batch,
+        input_ids=cached.sequences,
+        attention_mask=torch.cat([batch["attention_mask"], torch.ones(2, new, dtype=torch.long)], 1),
+    )
     with torch.no_grad():
         logits = model(**full).logits[:, -new - 1 : -1]
     for step, (a, b) in enumerate(zip(cached.scores, uncached.scores)):
@@ -117,9 +124,14 @@ def test_cache_under_either_name():
     with torch.no_grad():
         prefill = model(**batch, use_cache=True)
     assert CACHE_NAME in prefill and prefill.get(CACHE_NAME).get_seq_length() == batch["input_ids"].shape[1]
-    step = dict(input_ids=torch.tensor([[7], [8]]), attention_mask=torch.ones(2, 12, dtype=torch.long),
-                media_key_values=prefill.media_key_values, media_latents_mask=prefill.media_latents_mask,
-                past_chunk_ids=prefill.chunk_ids[:, -1], use_cache=True)
+    step = dict(
+        input_ids=torch.tensor([[7], [8]]),
+        attention_mask=torch.ones(2, 12, dtype=torch.long),
+        media_key_values=prefill.media_key_values,
+        media=prefill.media,
+        past_chunk_ids=prefill.chunk_ids[:, -1],
+        use_cache=True,
+    )
     results = []
     for name in ("cache", "past_key_values"):
         cache = DynamicCache(config=model.config.text_config)
@@ -147,7 +159,7 @@ def test_changing_image_k_changes_only_chunk_k_and_later():
     model = open_gates(tiny_model(only_attend_immediate_media=True))
     batch = sample_batch()
     ids = batch["input_ids"][0]
-    chunk = _chunk_slices(ids)
+    chunk = (ids == IMAGE_ID).long().cumsum(0)
     for k in (0, 1):
         changed = batch["pixel_values"].clone()
         changed[0, k] = torch.randn_like(changed[0, k])
@@ -162,27 +174,33 @@ def test_changing_image_k_changes_only_chunk_k_and_later():
 
 
 def test_cross_attention_mask_reads_own_chunk_only():
+    from visincontext.modeling_visincontext import CONTEXT_CHUNK
+
     model = tiny_model(only_attend_immediate_media=True, latent_fusion="concat")
     batch = sample_batch()
     with torch.no_grad():
         out = model(**batch)
-    L = model.config.num_latents
-    mask = model.model.cross_attention_mask(out.chunk_ids, out.media_latents_mask)  # (B, T, C * K)
-    num_chunks, num_slots = out.media_latents_mask.shape[1:]
-    mask = mask.view(2, -1, num_chunks, num_slots)
+    L, memory = model.config.num_latents, out.media
+    mask = memory.readable(out.chunk_ids, True)  # (B, T, S)
+    image_slot = memory.slot_chunk >= 1
+    assert image_slot.sum() == 2 * L and (memory.slot_chunk == CONTEXT_CHUNK).sum() == 3 * L  # no per-chunk copies
+    page_of_slot = (memory.slot_sources[:, 0] - 2 * L).div(L, rounding_mode="floor")
     for t, c in enumerate(out.chunk_ids[0].tolist()):
-        readable_chunks = mask[0, t].any(-1).nonzero().flatten().tolist()
-        assert readable_chunks == [c]
-        assert mask[0, t, c, :L].all() == (c >= 1)  # its image (chunk 0 has none)
-        assert mask[0, t, c, L : L + 2 * L].all() and not mask[0, t, c, L + 2 * L :].any()  # 2 real pages of 3
+        readable_chunks = sorted(set(memory.slot_chunk[mask[0, t] & image_slot].tolist()))
+        assert readable_chunks == ([c] if c >= 1 else [])
+        if c >= 1:
+            assert mask[0, t, memory.slot_chunk == c].all()  # all of its image (chunk 0 has none)
+        context = mask[0, t, ~image_slot]
+        assert context[page_of_slot[~image_slot] < 2].all() and not context[page_of_slot[~image_slot] == 2].any()
     # sample 2 has no pages: tokens before its image read nothing
     assert not mask[1, :3].any()
 
-    model.config.only_attend_immediate_media = False
-    mask = model.model.cross_attention_mask(out.chunk_ids, out.media_latents_mask).view(2, -1, num_chunks, num_slots)
+    mask = memory.readable(out.chunk_ids, False)
     last = out.chunk_ids.shape[1] - 1
-    assert mask[0, last, 1, :L].all() and not mask[0, last, 1, L:].any()  # earlier image, not its context copy
-    assert mask[0, last, 2].any()
+    assert (
+        mask[0, last, memory.slot_chunk == 1].all() and mask[0, last, memory.slot_chunk == 2].all()
+    )  # earlier image too
+    assert mask[0, last, ~image_slot].sum() == 2 * L  # the context once, not a copy per chunk
 
 
 @pytest.mark.parametrize("fusion", ["sum", "concat"])
@@ -191,8 +209,12 @@ def test_images_only_pages_only_both_and_token_masking(fusion):
     batch = sample_batch()
     images_only = {k: v for k, v in batch.items() if not k.startswith("context")}
     text_only_ids = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_ID, 3)
-    pages_only = dict(input_ids=text_only_ids, attention_mask=batch["attention_mask"],
-                      context_pixel_values=batch["context_pixel_values"], context_mask=batch["context_mask"])
+    pages_only = dict(
+        input_ids=text_only_ids,
+        attention_mask=batch["attention_mask"],
+        context_pixel_values=batch["context_pixel_values"],
+        context_mask=batch["context_mask"],
+    )
     with torch.no_grad():
         both = model(**batch).logits
         img = model(**images_only).logits
@@ -200,7 +222,8 @@ def test_images_only_pages_only_both_and_token_masking(fusion):
         bare = model(input_ids=text_only_ids, attention_mask=batch["attention_mask"]).logits
         dropped = model(**batch, image_latents_mask=torch.zeros(2, 2, dtype=torch.bool)).logits
         dropped_other = model(
-            **dict(batch, pixel_values=torch.randn_like(batch["pixel_values"])), image_latents_mask=torch.zeros(2, 2, dtype=torch.bool)
+            **dict(batch, pixel_values=torch.randn_like(batch["pixel_values"])),
+            image_latents_mask=torch.zeros(2, 2, dtype=torch.bool),
         ).logits
     assert not torch.allclose(both, img) and not torch.allclose(both, pages) and not torch.allclose(pages, bare)
     # dropping the image latents removes every trace of the images
@@ -219,8 +242,8 @@ def test_dropped_images_match_pages_only_memory():
         batch = sample_batch()
         with torch.no_grad():
             dropped = model(**batch, image_latents_mask=torch.zeros(2, 2, dtype=torch.bool))
-        mask = model.model.cross_attention_mask(dropped.chunk_ids, dropped.media_latents_mask)
-        memory = dropped.media_latents.flatten(1, 2)
+        mask = dropped.media.readable(dropped.chunk_ids, model.config.only_attend_immediate_media)
+        memory = dropped.media.slot_values(dropped.media.latents)  # (B, S, D): what each slot holds
         for t in range(batch["input_ids"].shape[1]):
             readable = memory[0][mask[0, t]]
             assert torch.allclose(readable, memory[0][mask[0, 0]])  # every token reads the pages alone
@@ -319,8 +342,8 @@ def test_save_and_reload_identical_logits(tmp_path):
         sys.modules["visincontext"] = None  # make the package unimportable: only the remote code may be used
         import torch
         from transformers import AutoModel, AutoModelForImageTextToText
-        batch = torch.load({str(tmp_path / 'batch.pt')!r})
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        batch = torch.load({str(tmp_path / "batch.pt")!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
         model = AutoModelForImageTextToText.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         with torch.no_grad():
@@ -329,9 +352,11 @@ def test_save_and_reload_identical_logits(tmp_path):
         print("DIFF", diff, type(base).__name__)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    line = [l for l in result.stdout.splitlines() if l.startswith("DIFF")][0]
+    line = [text for text in result.stdout.splitlines() if text.startswith("DIFF")][0]
     assert float(line.split()[1]) == 0.0 and line.split()[2] == "VisInContextModel"
 
 
@@ -344,8 +369,14 @@ def test_from_backbones_loads_pretrained_weights_and_freezes(tmp_path):
     lm.save_pretrained(tmp_path / "lm")
     tiny_tokenizer().save_pretrained(tmp_path / "lm")
     model = VisInContextForConditionalGeneration.from_backbones(
-        vision_model=str(tmp_path / "vision"), language_model=str(tmp_path / "lm"), num_latents=4, resampler_depth=1,
-        cross_attention_every=1, resampler_head_dim=8, cross_attention_head_dim=8, contrastive_dim=16,
+        vision_model=str(tmp_path / "vision"),
+        language_model=str(tmp_path / "lm"),
+        num_latents=4,
+        resampler_depth=1,
+        cross_attention_every=1,
+        resampler_head_dim=8,
+        cross_attention_head_dim=8,
+        contrastive_dim=16,
     )
     assert model.config.image_token_id == IMAGE_ID and model.config.end_of_chunk_token_id == EOC_ID
     for key, value in vision.state_dict().items():
@@ -357,8 +388,11 @@ def test_from_backbones_loads_pretrained_weights_and_freezes(tmp_path):
     assert torch.equal(model.lm_head.weight, lm.lm_head.weight)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     prefixes = (
-        "model.image_resampler.", "model.context_resampler.", "contrastive_head.",
-        "model.language_model.layers.0.gated_cross_attention.", "model.language_model.layers.1.gated_cross_attention.",
+        "model.image_resampler.",
+        "model.context_resampler.",
+        "contrastive_head.",
+        "model.language_model.layers.0.gated_cross_attention.",
+        "model.language_model.layers.1.gated_cross_attention.",
     )
     extra = {n for n in trainable if not n.startswith(prefixes)}
     assert extra == {"model.language_model.embed_tokens.media_embedding.weight", "lm_head.media_head.weight"}
@@ -445,7 +479,9 @@ def test_resize_token_embeddings_keeps_media_rows():
     # the old vocabulary's logits are untouched; the 10 new rows come after it, the media tokens keep their columns
     assert after.shape[-1] == VOCAB + 10
     assert torch.allclose(after[..., :VOCAB], before[..., :VOCAB], atol=1e-6)
-    assert torch.equal(after[..., IMAGE_ID], before[..., IMAGE_ID]) and torch.equal(after[..., EOC_ID], before[..., EOC_ID])
+    assert torch.equal(after[..., IMAGE_ID], before[..., IMAGE_ID]) and torch.equal(
+        after[..., EOC_ID], before[..., EOC_ID]
+    )
 
 
 @pytest.mark.invariant
@@ -480,10 +516,20 @@ def test_missing_weights_are_initialised_like_a_fresh_model(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    dropped = [k for k in weights if k.endswith(("attn_gate", "ff_gate")) or k.endswith("self_attn.q_proj.weight") and "vision" in k
-               or k.endswith("context_resampler.latents")]
+    dropped = [
+        k
+        for k in weights
+        if k.endswith(("attn_gate", "ff_gate"))
+        or k.endswith("self_attn.q_proj.weight")
+        and "vision" in k
+        or k.endswith("context_resampler.latents")
+    ]
     assert len(dropped) >= 5
-    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if k not in dropped},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     reloaded = VisInContextForConditionalGeneration.from_pretrained(tmp_path)
     state = reloaded.state_dict()
     for key in dropped:
@@ -574,7 +620,9 @@ def test_logits_of_ids_that_do_not_exist_are_minus_infinity():
     assert (logits[..., VOCAB : VOCAB + 3] == torch.finfo(logits.dtype).min).all()
     assert torch.isfinite(logits[..., [VOCAB + 3, VOCAB + 4]]).all()
     torch.manual_seed(0)
-    sampled = model.generate(**batch, do_sample=True, temperature=5.0, max_new_tokens=40, eos_token_id=None, pad_token_id=0)
+    sampled = model.generate(
+        **batch, do_sample=True, temperature=5.0, max_new_tokens=40, eos_token_id=None, pad_token_id=0
+    )
     new = sampled[:, batch["input_ids"].shape[1] :]
     assert not ((new >= VOCAB) & (new < VOCAB + 3)).any()
 
@@ -587,15 +635,25 @@ def test_generation_config_follows_the_tokenizer_and_the_language_model(tmp_path
     torch.manual_seed(0)
     CLIPVisionModel(cfg.vision_config).save_pretrained(tmp_path / "vision")
     lm = AutoModelForCausalLM.from_config(cfg.text_config)
-    lm.generation_config.eos_token_id, lm.generation_config.do_sample, lm.generation_config.temperature = [EOS_ID, 5], True, 0.3
+    lm.generation_config.eos_token_id, lm.generation_config.do_sample, lm.generation_config.temperature = (
+        [EOS_ID, 5],
+        True,
+        0.3,
+    )
     lm.save_pretrained(tmp_path / "lm")
     tiny_tokenizer().save_pretrained(tmp_path / "lm")
     model = VisInContextForConditionalGeneration.from_backbones(
-        str(tmp_path / "vision"), str(tmp_path / "lm"), num_latents=4, resampler_depth=1, cross_attention_every=1)
-    assert model.generation_config.eos_token_id == [EOS_ID, 5] and model.generation_config.temperature == 0.3
+        str(tmp_path / "vision"), str(tmp_path / "lm"), num_latents=4, resampler_depth=1, cross_attention_every=1
+    )
+    assert model.generation_config.eos_token_id == [EOS_ID, 5, EOC_ID]  # an answer also ends with its chunk
+    assert model.generation_config.temperature == 0.3
     assert model.generation_config.pad_token_id == PAD_ID
     model.save_pretrained(tmp_path / "built")
-    assert json.loads((tmp_path / "built" / "generation_config.json").read_text())["eos_token_id"] == [EOS_ID, 5]
+    assert json.loads((tmp_path / "built" / "generation_config.json").read_text())["eos_token_id"] == [
+        EOS_ID,
+        5,
+        EOC_ID,
+    ]
 
 
 def test_plain_bitsandbytes_config_keeps_new_parts_unquantised(tmp_path):
@@ -607,11 +665,14 @@ def test_plain_bitsandbytes_config_keeps_new_parts_unquantised(tmp_path):
     model, _ = build_model_and_processor(ModelArguments(), DataArguments())
     model.save_pretrained(tmp_path)
     quantized = AutoModelForImageTextToText.from_pretrained(
-        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map={"": "cpu"})
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map={"": "cpu"}
+    )
     kinds = {name: type(module).__name__ for name, module in quantized.named_modules()}
     assert kinds["model.language_model.layers.0.decoder_layer.self_attn.q_proj"] == "Linear4bit"
     for name, kind in kinds.items():
-        if any(part in name for part in ("resampler", "gated_cross_attention", "vision_tower", "lm_head", "contrastive")):
+        if any(
+            part in name for part in ("resampler", "gated_cross_attention", "vision_tower", "lm_head", "contrastive")
+        ):
             assert kind != "Linear4bit", name
     quantized.train()  # before any no-grad forward (bitsandbytes repacks 4-bit weights in eval mode on CPU)
     batch = sample_batch()
@@ -644,3 +705,87 @@ def test_a_folder_without_config_json_is_an_error(tmp_path):
         VisInContextForConditionalGeneration.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="config.json"):  # transformers' own error for the Auto classes
         AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)
+
+
+# ---- the explicit media memory (issue 18) ------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.invariant
+def test_media_layout_matches_the_pinned_outputs():
+    """Logits and greedy tokens of four models (sum/concat x immediate/all earlier images, with and without token
+    masking) equal those of the layout before the explicit `MediaMemory` (tests/fixtures, written at 32e8ee4)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(FIXTURES / "pinned_media_layout.safetensors")
+    meta = json.loads((FIXTURES / "pinned_media_layout.json").read_text())
+    batch = {k.removeprefix("batch/"): v for k, v in tensors.items() if k.startswith("batch/")}
+    masked = batch.pop("image_latents_mask")
+    weights = {k.removeprefix("weights/"): v for k, v in tensors.items() if k.startswith("weights/")}
+    for case in meta["cases"]:
+        model = VisInContextForConditionalGeneration(tiny_config(**case["settings"])).eval()
+        model.load_state_dict(weights, strict=True)
+        with torch.no_grad():
+            logits = model(**batch).logits
+            logits_masked = model(**batch, image_latents_mask=masked).logits
+        assert (logits - tensors[f"{case['name']}/logits"]).abs().max() <= 1e-6, case
+        assert (logits_masked - tensors[f"{case['name']}/logits_image_latents_masked"]).abs().max() <= 1e-6, case
+        generated = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(generated, tensors[f"{case['name']}/generated"]), case
+
+
+@pytest.mark.parametrize("fusion", ["sum", "concat"])
+def test_each_block_projects_the_images_and_pages_once(fusion):
+    """One `to_kv` call per block per forward, over (images + pages) x latents rows: the context is not projected
+    once per chunk."""
+    model = open_gates(tiny_model(latent_fusion=fusion), 0.5)
+    batch = sample_batch()
+    rows = []
+    for layer in model.model.language_model.layers:
+        layer.gated_cross_attention.cross_attention.to_kv.register_forward_hook(
+            lambda m, args, out: rows.append(args[0].shape[1])
+        )
+    with torch.no_grad():
+        out = model(**batch)
+    L = model.config.num_latents
+    assert rows == [(2 + 3) * L] * len(model.config.cross_attention_layers)  # 2 images + 3 pages, once per block
+    slots = out.media.slot_chunk.numel()
+    assert slots == ((2 + 1) * 3 * L if fusion == "sum" else (2 + 3) * L)
+
+
+@pytest.mark.invariant
+def test_a_document_encoded_once_answers_several_prompts():
+    """`encode_media` once, then `generate(media=...)` for a batch of prompts: the same tokens as one-shot
+    `generate` with the pages for each prompt; the memory is not changed by the calls."""
+    model = open_gates(tiny_model(), 0.8)
+    g = torch.Generator().manual_seed(4)
+    pages = torch.randn(1, 3, 3, 32, 32, generator=g)
+    prompts = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+    memory = model.encode_media(context_pixel_values=pages)
+    before = {k: v.clone() for k, v in memory.items()}
+    versions = {k: v._version for k, v in memory.items()}
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    reused = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), media=memory, **kwargs)
+    for row in range(3):
+        one_shot = model.generate(
+            input_ids=prompts[row : row + 1],
+            attention_mask=torch.ones(1, 4, dtype=torch.long),
+            context_pixel_values=pages,
+            **kwargs,
+        )
+        assert torch.equal(reused[row], one_shot[0]), row
+    again = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), media=memory, **kwargs)
+    assert torch.equal(again, reused)
+    assert all(torch.equal(memory[k], before[k]) and memory[k]._version == versions[k] for k in before)
+    with pytest.raises(ValueError, match="media: a memory of 2 samples cannot serve a batch of 3"):
+        model(input_ids=prompts, media=model.encode_media(context_pixel_values=pages.expand(2, -1, -1, -1, -1)))
+
+
+def test_no_split_modules_come_from_the_model_and_its_backbones():
+    """The class lists its own blocks; `post_init` adds the backbones' (CLIP, Llama) layers."""
+    model = tiny_model()
+    assert VisInContextForConditionalGeneration._no_split_modules == ["VisInContextDecoderLayer", "PerceiverResampler"]
+    assert {"VisInContextDecoderLayer", "PerceiverResampler", "CLIPEncoderLayer", "LlamaDecoderLayer"} <= set(
+        model._no_split_modules
+    )

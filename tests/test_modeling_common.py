@@ -3,10 +3,10 @@
 import unittest
 
 import torch
-from transformers.models.auto import modeling_auto
-
 from hf_common import ensure_common_tests
 from tiny import IMAGE_SIZE, VOCAB, tiny_config
+from transformers.models.auto import modeling_auto
+
 from visincontext import VisInContextConfig, VisInContextForConditionalGeneration, VisInContextModel
 
 ensure_common_tests()

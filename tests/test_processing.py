@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor
-
 from tiny import IMAGE_ID, open_gates, tiny_model, tiny_processor
+from transformers import AutoProcessor
 
 CONTEXT = " ".join(f"Fact {i}: the value of key{i} is {i * 7 % 100}." for i in range(60))
 
@@ -84,12 +83,20 @@ def test_batched_generation_equals_one_by_one(processor):
         dict(images=images(1, seed=2), text="<image>one?", context="A short context."),
         dict(images=images(2, seed=3), text="<image>first<|endofchunk|><image>second, longer prompt:", context=CONTEXT),
     ]
-    kwargs = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
-    batch = processor(images=[s["images"] for s in samples], text=[s["text"] for s in samples],
-                      context=[s["context"] for s in samples], return_tensors="pt")
+    kwargs = dict(
+        max_new_tokens=5, do_sample=False, eos_token_id=None, output_scores=True, return_dict_in_generate=True
+    )
+    batch = processor(
+        images=[s["images"] for s in samples],
+        text=[s["text"] for s in samples],
+        context=[s["context"] for s in samples],
+        return_tensors="pt",
+    )
     together = model.generate(**batch, **kwargs)
     for row, sample in enumerate(samples):
-        alone = processor(images=sample["images"] or None, text=sample["text"], context=sample["context"], return_tensors="pt")
+        alone = processor(
+            images=sample["images"] or None, text=sample["text"], context=sample["context"], return_tensors="pt"
+        )
         single = model.generate(**alone, **kwargs)
         assert torch.equal(single.sequences[0, -5:], together.sequences[row, -5:]), row
         for step in range(5):
@@ -126,15 +133,20 @@ def test_save_and_reload_in_fresh_process_renders_identically(processor, tmp_pat
         rng = np.random.default_rng(0)
         image = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
         out = processor(images=[image], text="<image>caption:", context={CONTEXT!r}, return_tensors="pt")
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
         assert out.keys() == expected.keys(), (out.keys(), expected.keys())
         for key in out:
             assert torch.equal(out[key], expected[key]), key
         print("IDENTICAL", processor.renderer.font_path)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-                            cwd=tmp_path.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        cwd=tmp_path.parent,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     font_used = result.stdout.split("IDENTICAL")[1].strip()
     assert font_used == str(tmp_path / "DejaVuSansMono.ttf")  # the font saved with the processor
@@ -174,4 +186,6 @@ def test_a_processor_saved_after_right_padded_batches_still_pads_left(tmp_path):
     batch = reloaded(text=["a", "bbb"], return_tensors="pt")
     assert batch["attention_mask"].tolist() == [[0, 0, 1], [1, 1, 1]]
     assert reloaded(text=["a", "bbb"], padding_side="right", return_tensors="pt")["attention_mask"].tolist() == [
-        [1, 0, 0], [1, 1, 1]]
+        [1, 0, 0],
+        [1, 1, 1],
+    ]

@@ -4,11 +4,11 @@ import unittest
 
 from hf_common import ensure_common_tests
 from tiny import tiny_processor, tiny_tokenizer
+
 from visincontext import VisInContextProcessor
 
 ensure_common_tests()
 from hf_common_tests.test_processing_common import ProcessorTesterMixin  # noqa: E402
-
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: "

@@ -43,7 +43,9 @@ def workspace(tmp_path_factory):
     tiny_tokenizer().save_pretrained(root / "lm")
     from transformers import CLIPImageProcessorPil
 
-    CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(root / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(
+        root / "clip"
+    )
     model, processor = build_model_and_processor(ModelArguments(), DataArguments())
     model.save_pretrained(root / "hub-model")
     processor.save_pretrained(root / "hub-model")
@@ -52,15 +54,18 @@ def workspace(tmp_path_factory):
 
 
 def substitute(code: str, root: Path) -> str:
-    return (code.replace("openai/clip-vit-large-patch14", str(root / "clip"))
-                .replace("cross_attention_every=4", "cross_attention_every=1")  # the tiny LM has 2 layers
-                .replace("mistralai/Mistral-7B-v0.1", str(root / "lm"))
-                .replace("your-name/visincontext-model\", trust", f"{root / 'hub-model'}\", trust"))
+    return (
+        code.replace("openai/clip-vit-large-patch14", str(root / "clip"))
+        .replace("cross_attention_every=4", "cross_attention_every=1")  # the tiny LM has 2 layers
+        .replace("mistralai/Mistral-7B-v0.1", str(root / "lm"))
+        .replace('your-name/visincontext-model", trust', f'{root / "hub-model"}", trust')
+    )
 
 
 def environment():
-    return dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT / "src"),
-                PYTHONUNBUFFERED="1")
+    return dict(
+        os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1"
+    )
 
 
 def run(command, root, timeout=900):
@@ -80,7 +85,7 @@ def command_lines(body: str) -> list[str]:
 def test_the_readme_opens_with_the_two_commands():
     first = blocks("bash")[0].strip().splitlines()
     assert first == [
-        'pip install torch==2.13.0 -e . && python examples/quickstart.py',
+        "pip install torch==2.13.0 -e . && python examples/quickstart.py",
         'pip install torch==2.13.0 -e ".[test]" && python -m pytest tests -q',
     ]
     assert (ROOT / ".ci" / "run").read_text().count("sed -n 2p") == 1  # .ci/run runs the second line
@@ -113,8 +118,19 @@ def test_bash_blocks_run(workspace):
         if "finetune.py" in line:
             args += ["--max_steps", "3"]
         if "synthetic_recall.py" in line:  # a few steps, not the 2 x 30 minutes of the full experiment
-            args += ["--max_steps", "20", "--eval_every", "10", "--eval_size", "8", "--final_eval_size", "16",
-                     "--output_dir", str(workspace / "outputs" / "recall"), "--quiet"]
+            args += [
+                "--max_steps",
+                "20",
+                "--eval_every",
+                "10",
+                "--eval_size",
+                "8",
+                "--final_eval_size",
+                "16",
+                "--output_dir",
+                str(workspace / "outputs" / "recall"),
+                "--quiet",
+            ]
         run(args, workspace)
     assert (workspace / "outputs" / "eval" / "results.md").exists()
     assert (workspace / "outputs" / "qlora" / "adapter" / "adapter_config.json").exists()
@@ -134,7 +150,9 @@ def test_install_lines_install_the_package_and_its_extras(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    site_packages = subprocess.run([str(python), "-c", where], capture_output=True, text=True, check=True).stdout.strip()
+    site_packages = subprocess.run(
+        [str(python), "-c", where], capture_output=True, text=True, check=True
+    ).stdout.strip()
     ours = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     Path(site_packages, "this_environment.pth").write_text("\n".join(ours) + "\n")  # after the venv's own packages
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
@@ -142,22 +160,30 @@ def test_install_lines_install_the_package_and_its_extras(tmp_path):
     for line in lines:
         if line in flash:
             continue
-        args = [str(ROOT) + a.removeprefix("visincontext") if a.startswith("visincontext") else a
-                for a in shlex.split(line)]
+        args = [
+            str(ROOT) + a.removeprefix("visincontext") if a.startswith("visincontext") else a for a in shlex.split(line)
+        ]
         assert args[2].startswith(str(ROOT)), line
-        result = subprocess.run([str(python), "-m", *args], cwd=tmp_path, capture_output=True, text=True, env=env,
-                                timeout=900)
+        result = subprocess.run(
+            [str(python), "-m", *args], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900
+        )
         assert result.returncode == 0, (line, result.stderr[-3000:])
         assert "does not provide the extra" not in result.stdout + result.stderr, line
-    check = ("import importlib.metadata as m, visincontext, bitsandbytes, deepspeed; print(visincontext.__file__); "
-             "print(sorted(r for r in m.requires('visincontext') if 'extra ==' in r))")
-    result = subprocess.run([str(python), "-c", check], cwd=tmp_path, capture_output=True, text=True, env=env,
-                            timeout=300)
+    check = (
+        "import importlib.metadata as m, visincontext, bitsandbytes, deepspeed; print(visincontext.__file__); "
+        "print(sorted(r for r in m.requires('visincontext') if 'extra ==' in r))"
+    )
+    result = subprocess.run(
+        [str(python), "-c", check], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     location, extras = result.stdout.strip().splitlines()
     assert location.startswith(str(venv)), location  # the copy just installed, not this checkout
-    for requirement in ('bitsandbytes>=0.48; extra == "quant"', 'deepspeed>=0.17; extra == "deepspeed"',
-                        'flash-attn>=2.6; extra == "flash"'):
+    for requirement in (
+        'bitsandbytes>=0.48; extra == "quant"',
+        'deepspeed>=0.17; extra == "deepspeed"',
+        'flash-attn>=2.6; extra == "flash"',
+    ):
         assert requirement in extras, extras
 
 
@@ -165,9 +191,12 @@ def launch_arguments(line: str, root: Path, output_dir: Path) -> list[str]:
     """A README `accelerate launch` line made to run here: tiny backbones (2 LM layers, so cross-attention at
     every layer), the sample data, 2 steps, CPU."""
     sample_data = ROOT / "examples" / "data" / "obelics_sample.jsonl"
-    line = (substitute(line, root).replace("HuggingFaceM4/OBELICS", str(sample_data))
-            .replace("--max_steps 100000", "--max_steps 2")
-            .replace("--output_dir outputs/pretrain", f"--output_dir {output_dir}"))
+    line = (
+        substitute(line, root)
+        .replace("HuggingFaceM4/OBELICS", str(sample_data))
+        .replace("--max_steps 100000", "--max_steps 2")
+        .replace("--output_dir outputs/pretrain", f"--output_dir {output_dir}")
+    )
     args = shlex.split(line)
     assert args[:2] == ["accelerate", "launch"], line
     args = [sys.executable, "-m", "accelerate.commands.launch", *args[2:], "--use_cpu", "--cross_attention_every", "1"]
@@ -192,17 +221,22 @@ def test_accelerate_launch_lines_run(workspace, tmp_path):
     with socket.socket() as probe:  # a free port rather than 29500, which another job may hold
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    multi_node = multi_node.replace("--main_process_ip 10.0.0.1 --main_process_port 29500",
-                                    f"--main_process_ip 127.0.0.1 --main_process_port {port}")
+    multi_node = multi_node.replace(
+        "--main_process_ip 10.0.0.1 --main_process_port 29500",
+        f"--main_process_ip 127.0.0.1 --main_process_port {port}",
+    )
     assert f"--main_process_port {port}" in multi_node, multi_node
     nodes = []
     for rank in (0, 1):
         this_node = multi_node.replace("--machine_rank 0", f"--machine_rank {rank}")
         node = launch_arguments(this_node, workspace, tmp_path / "nodes")
-        nodes.append(subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=environment()))
+        nodes.append(
+            subprocess.Popen(
+                node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment()
+            )
+        )
     outputs = [node.communicate(timeout=900) for node in nodes]
-    for node, (stdout, stderr) in zip(nodes, outputs):
+    for node, (_, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stderr[-3000:]
     assert "DeepSpeed: DeepSpeedEngine, ZeRO stage 2, 2 processes" in outputs[0][0], outputs[0][0][-2000:]
     for folder in ("single", "nodes"):

@@ -34,7 +34,10 @@ def test_same_bytes_in_two_processes(renderer):
         "import hashlib; from visincontext.rendering_visincontext import TextRenderer; "
         f"print(hashlib.sha256(TextRenderer().render({LONG + COVERAGE!r}).pages.tobytes()).hexdigest())"
     )
-    outputs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip() for _ in range(2)}
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+        for _ in range(2)
+    }
     assert outputs == {digest(renderer.render(LONG + COVERAGE).pages)}
 
 
@@ -193,8 +196,11 @@ def test_render_command_writes_the_pages(tmp_path):
     assert [p.name for p in paths] == ["page.png"] + [f"page-{k}.png" for k in range(2, len(expected) + 1)]
     for path, page in zip(paths, expected.pages):
         assert np.array_equal(np.asarray(Image.open(path)), page)
-    result = subprocess.run([sys.executable, "-m", "visincontext.render", "héllo", "-o", str(tmp_path / "one.png")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "visincontext.render", "héllo", "-o", str(tmp_path / "one.png")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0 and result.stdout.startswith("1 pages") and (tmp_path / "one.png").exists()
     assert "PosixPath" not in result.stdout and not list(tmp_path.glob(".*"))  # no temporary files left
 
@@ -202,8 +208,10 @@ def test_render_command_writes_the_pages(tmp_path):
 # ---- the determinism promise under any input, order and thread (issue 17) -------------------------------------
 
 MARKS = "\u0301\u0308\u0323\u0328\u20dd"
-fuzz_text = st.text(alphabet=st.one_of(st.sampled_from(list("ab \n\t\x00") + list(MARKS)), st.characters(
-    blacklist_categories=("Cs",))), max_size=60)
+fuzz_text = st.text(
+    alphabet=st.one_of(st.sampled_from(list("ab \n\t\x00") + list(MARKS)), st.characters(blacklist_categories=("Cs",))),
+    max_size=60,
+)
 
 
 def small_renderer():
@@ -267,11 +275,16 @@ def test_a_shared_renderer_and_processor_in_four_threads():
         shared, processor = small_renderer(), tiny_processor()
         order = list(range(len(texts)))
         random.Random(run).shuffle(order)
+
+        def render(i, renderer=shared):
+            return i, renderer.render(texts[i]).pages
+
+        def process(i, processor=processor):
+            return i, processor(text=["x"], context=[texts[i]], return_tensors="pt")["context_pixel_values"]
+
         with ThreadPoolExecutor(4) as pool:
-            pages = list(pool.map(lambda i: (i, shared.render(texts[i]).pages), order))
-            batches = list(pool.map(
-                lambda i: (i, processor(text=["x"], context=[texts[i]], return_tensors="pt")["context_pixel_values"]),
-                order))
+            pages = list(pool.map(render, order))
+            batches = list(pool.map(process, order))
         assert all(np.array_equal(p, expected[i]) for i, p in pages), run
         assert all(torch.equal(b, expected_batches[i]) for i, b in batches), run
 
@@ -297,8 +310,10 @@ def test_ten_thousand_strings_in_two_orders_in_two_processes():
     one process and in the reverse order in another: byte-identical pages for every string."""
     import json
 
-    runs = [subprocess.run([sys.executable, "-c", FUZZ, order], capture_output=True, text=True, check=True)
-            for order in ("forward", "reverse")]
+    runs = [
+        subprocess.run([sys.executable, "-c", FUZZ, order], capture_output=True, text=True, check=True)
+        for order in ("forward", "reverse")
+    ]
     forward, reverse = (json.loads(run.stdout) for run in runs)
     assert len(forward) == 10_000
     differing = sum(a != b for a, b in zip(forward, reverse))

@@ -74,10 +74,23 @@ def test_reads_rendered_pages_and_blank_pages_stay_at_chance(tmp_path):
     """A reduced run (400 steps each, under 3 minutes on 2 cores): with rendered pages the held-out exact match
     is at least 3x chance (here above 50%: 92% when measured); with blank pages and the same steps it stays
     within 5 points of chance."""
-    results = synthetic_recall.main([
-        "--max_steps", "400", "--minutes", "1000", "--eval_every", "200", "--eval_size", "16",
-        "--final_eval_size", "200", "--output_dir", str(tmp_path), "--quiet",
-    ])
+    results = synthetic_recall.main(
+        [
+            "--max_steps",
+            "400",
+            "--minutes",
+            "1000",
+            "--eval_every",
+            "200",
+            "--eval_size",
+            "16",
+            "--final_eval_size",
+            "200",
+            "--output_dir",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
     chance = results["chance"]
     real, blank = results["runs"]["rendered pages"], results["runs"]["blank pages (control)"]
     assert real["steps"] == blank["steps"] == 400

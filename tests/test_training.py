@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from tiny import IMAGE_ID, tiny_processor
 from transformers import AutoModelForImageTextToText
 
-from tiny import IMAGE_ID, tiny_processor
 from visincontext.data import VisInContextCollator, format_dataset, format_row
 from visincontext.training import main
 
@@ -30,8 +30,22 @@ def image(seed=0):
 def test_pretrain_script_learns_and_saves_loadable_model(tmp_path):
     from pretrain import DEFAULTS
 
-    metrics = main(DEFAULTS, ["--output_dir", str(tmp_path), "--max_steps", "30", "--use_cpu", "--learning_rate", "3e-3",
-                              "--logging_steps", "1", "--lr_scheduler_type", "constant"])
+    metrics = main(
+        DEFAULTS,
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "30",
+            "--use_cpu",
+            "--learning_rate",
+            "3e-3",
+            "--logging_steps",
+            "1",
+            "--lr_scheduler_type",
+            "constant",
+        ],
+    )
     losses = [entry["loss"] for entry in metrics["log_history"] if "loss" in entry]
     assert len(losses) == 30
     assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
@@ -42,7 +56,10 @@ def test_pretrain_script_learns_and_saves_loadable_model(tmp_path):
 
 
 def _masking_samples(n: int, images: int = 1) -> list[dict]:
-    return [{"images": [None] * images, "prompt": "", "text": f"sample {i}", "context": None, "row_index": i} for i in range(n)]
+    return [
+        {"images": [None] * images, "prompt": "", "text": f"sample {i}", "context": None, "row_index": i}
+        for i in range(n)
+    ]
 
 
 def test_collator_token_masking_rate_and_seed():
@@ -55,15 +72,21 @@ def test_collator_token_masking_rate_and_seed():
     assert abs(rate - 0.3) < 0.015, rate
     again = VisInContextCollator(processor, token_mask_prob=0.3, seed=123).image_latents_mask(samples, image_mask)
     other = VisInContextCollator(processor, token_mask_prob=0.3, seed=124).image_latents_mask(samples, image_mask)
-    next_epoch = VisInContextCollator(processor, token_mask_prob=0.3, seed=123, epoch=1).image_latents_mask(samples, image_mask)
+    next_epoch = VisInContextCollator(processor, token_mask_prob=0.3, seed=123, epoch=1).image_latents_mask(
+        samples, image_mask
+    )
     assert torch.equal(first, again) and not torch.equal(first, other) and not torch.equal(first, next_epoch)
     padded = collator.image_latents_mask(_masking_samples(100, images=2), torch.tensor([[True, False]] * 100))
     assert not padded[:, 1].any()  # padding slots are never "kept"
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 10**6), min_size=1, max_size=12, unique=True), st.randoms(use_true_random=False),
-       st.integers(1, 4), st.integers(0, 3))
+@given(
+    st.lists(st.integers(0, 10**6), min_size=1, max_size=12, unique=True),
+    st.randoms(use_true_random=False),
+    st.integers(1, 4),
+    st.integers(0, 3),
+)
 def test_property_token_masks_depend_only_on_seed_epoch_and_row(rows, rng, batch_size, epoch):
     """The promise of the collator's docstring: a sample's mask is the same in any batch, order or batch size
     (so in any worker or process, and after a resumed run), for a given seed and epoch."""
@@ -89,7 +112,9 @@ def test_collator_labels_mask_exactly_padding_media_and_prompt():
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     tokenizer = processor.tokenizer
     for row, sample in enumerate(samples):
-        prompt_tokens = len(tokenizer(sample["prompt"], add_special_tokens=False)["input_ids"]) if sample["prompt"] else 0
+        prompt_tokens = (
+            len(tokenizer(sample["prompt"], add_special_tokens=False)["input_ids"]) if sample["prompt"] else 0
+        )
         trained = labels[row] != -100
         expected = (mask[row] == 1) & (ids[row] != IMAGE_ID)
         expected[:prompt_tokens] = False
@@ -99,7 +124,10 @@ def test_collator_labels_mask_exactly_padding_media_and_prompt():
 
 
 def test_interleaved_row_renders_earlier_text_as_context():
-    row = {"images": [None, image(), None, None, image(1), None], "texts": ["Alpha beta gamma.", None, "Delta.", "Epsilon zeta.", None, "Eta."]}
+    row = {
+        "images": [None, image(), None, None, image(1), None],
+        "texts": ["Alpha beta gamma.", None, "Delta.", "Epsilon zeta.", None, "Eta."],
+    }
     # texts until half the characters are seen become context; what follows stays as tokens
     sample = format_row(row, "interleaved", context_fraction=0.5)
     assert sample["context"] == "Alpha beta gamma.\n\nDelta."
@@ -107,8 +135,14 @@ def test_interleaved_row_renders_earlier_text_as_context():
     assert len(sample["images"]) == 1
     early = format_row(row, "interleaved", context_fraction=0.2)
     assert early["context"] == "Alpha beta gamma."
-    assert early["text"] == "<image>Delta. Epsilon zeta.<|endofchunk|><image>Eta.<|endofchunk|>" and len(early["images"]) == 2
-    mmc4 = {"text_list": ["Alpha beta gamma.", "Delta.", "Eta."], "image_info": [{"matched_text_index": 1, "image": image()}]}
+    assert (
+        early["text"] == "<image>Delta. Epsilon zeta.<|endofchunk|><image>Eta.<|endofchunk|>"
+        and len(early["images"]) == 2
+    )
+    mmc4 = {
+        "text_list": ["Alpha beta gamma.", "Delta.", "Eta."],
+        "image_info": [{"matched_text_index": 1, "image": image()}],
+    }
     assert format_row(mmc4, "mmc4")["text"] == "<image>Delta. Eta.<|endofchunk|>"
     text_only = format_row({"text": "one two three four five six"}, "text")
     assert text_only["context"] + text_only["text"] == "one two three four five six" and not text_only["images"]
@@ -141,12 +175,46 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     uninterrupted run's end (the masks are a function of seed, epoch and row, not of a generator's history)."""
     from pretrain import DEFAULTS
 
-    common = ["--use_cpu", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--logging_steps", "1",
-              "--token_mask_prob", "0.5", "--seed", "7"]
+    common = [
+        "--use_cpu",
+        "--learning_rate",
+        "3e-3",
+        "--lr_scheduler_type",
+        "constant",
+        "--logging_steps",
+        "1",
+        "--token_mask_prob",
+        "0.5",
+        "--seed",
+        "7",
+    ]
     straight = main(DEFAULTS, ["--output_dir", str(tmp_path / "a"), "--max_steps", "10", *common])
-    main(DEFAULTS, ["--output_dir", str(tmp_path / "b"), "--max_steps", "5", "--save_strategy", "steps", "--save_steps", "5", *common])
-    resumed = main(DEFAULTS, ["--output_dir", str(tmp_path / "b"), "--max_steps", "10", "--resume_from_checkpoint",
-                              str(tmp_path / "b" / "checkpoint-5"), *common])
+    main(
+        DEFAULTS,
+        [
+            "--output_dir",
+            str(tmp_path / "b"),
+            "--max_steps",
+            "5",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "5",
+            *common,
+        ],
+    )
+    resumed = main(
+        DEFAULTS,
+        [
+            "--output_dir",
+            str(tmp_path / "b"),
+            "--max_steps",
+            "10",
+            "--resume_from_checkpoint",
+            str(tmp_path / "b" / "checkpoint-5"),
+            *common,
+        ],
+    )
     loss_a = [e["loss"] for e in straight["log_history"] if "loss" in e][-1]
     loss_b = [e["loss"] for e in resumed["log_history"] if "loss" in e][-1]
     assert abs(loss_a - loss_b) < 1e-5
@@ -159,14 +227,22 @@ def test_qlora_trains_adapters_and_new_modules_only(tmp_path):
     pytest.importorskip("bitsandbytes", reason="the [quant] extra")
     from peft import PeftModel
 
-    from visincontext.training import DataArguments, ModelArguments, add_lora, build_model_and_processor, quantization_config
+    from visincontext.training import (
+        DataArguments,
+        ModelArguments,
+        build_model_and_processor,
+        quantization_config,
+    )
 
     base, processor = build_model_and_processor(ModelArguments(), DataArguments())
     base.save_pretrained(tmp_path / "base")
     processor.save_pretrained(tmp_path / "base")
     args = ModelArguments(model_name_or_path=str(tmp_path / "base"), lora_r=4, load_in_4bit=True)
     model, processor = build_model_and_processor(args, DataArguments())
-    assert type(model.base_model.model.model.language_model.layers[0].decoder_layer.self_attn.k_proj).__name__ == "Linear4bit"
+    assert (
+        type(model.base_model.model.model.language_model.layers[0].decoder_layer.self_attn.k_proj).__name__
+        == "Linear4bit"
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rows = [json.loads(line) for line in OBELICS.read_text().splitlines()[:8]]
     dataset, _ = format_dataset(rows, "interleaved", image_root=str(OBELICS.parent))
@@ -197,9 +273,21 @@ def test_qlora_trains_adapters_and_new_modules_only(tmp_path):
 def _launch(tmp_path, config: str, processes: int, steps: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples" / "accelerate" / config),
-        "--num_processes", str(processes), str(ROOT / "examples" / "pretrain.py"),
-        "--output_dir", str(tmp_path), "--max_steps", str(steps), "--use_cpu", "--logging_steps", "1",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "examples" / "accelerate" / config),
+        "--num_processes",
+        str(processes),
+        str(ROOT / "examples" / "pretrain.py"),
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        str(steps),
+        "--use_cpu",
+        "--logging_steps",
+        "1",
     ]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
 
@@ -251,8 +339,11 @@ def test_prerendered_pages_match_rendering_on_the_fly():
 def test_max_length_drops_the_images_of_cut_image_tokens():
     """Truncation that cuts `<image>` tokens drops their images too, so the batch stays consistent."""
     processor = tiny_processor()
-    sample = format_row({"images": [image(0), None, image(1), None], "texts": [None, "a" * 20, None, "b" * 20]},
-                        "interleaved", context_fraction=0.0)
+    sample = format_row(
+        {"images": [image(0), None, image(1), None], "texts": [None, "a" * 20, None, "b" * 20]},
+        "interleaved",
+        context_fraction=0.0,
+    )
     assert sample["text"].count("<image>") == 2
     batch = VisInContextCollator(processor, max_length=15)([sample, format_row({"text": "short text"}, "text")])
     assert batch["input_ids"].shape[1] == 15 and (batch["input_ids"] == IMAGE_ID).sum().item() == 1
@@ -273,10 +364,12 @@ def test_predict_returns_logits_and_evaluate_reports_the_loss_parts(tmp_path):
     rows = [json.loads(line) for line in OBELICS.read_text().splitlines()[:8]]
     dataset, _ = format_dataset(rows, "interleaved", image_root=str(OBELICS.parent))
     collator = VisInContextCollator(processor, return_context_ids=True)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True,
-                             remove_unused_columns=False)
-    trainer = VisInContextTrainer(model=model, args=args, eval_dataset=dataset, data_collator=collator,
-                                  processing_class=processor)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True, remove_unused_columns=False
+    )
+    trainer = VisInContextTrainer(
+        model=model, args=args, eval_dataset=dataset, data_collator=collator, processing_class=processor
+    )
     metrics = trainer.evaluate()
     assert {"eval_loss", "eval_lm_loss", "eval_contrastive_loss"} <= set(metrics)
     assert abs(metrics["eval_loss"] - (metrics["eval_lm_loss"] + 0.5 * metrics["eval_contrastive_loss"])) < 1e-3
@@ -292,10 +385,12 @@ def test_prerender_names_or_skips_bad_rows(tmp_path):
     from visincontext.data import prerender
 
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
-    rows = Dataset.from_list([
-        {"images": [None, "ok.png", None], "texts": ["context one", None, "fine"]},
-        {"images": [None, "missing.png", None], "texts": ["context two", None, "no image file"]},
-    ])
+    rows = Dataset.from_list(
+        [
+            {"images": [None, "ok.png", None], "texts": ["context one", None, "fine"]},
+            {"images": [None, "missing.png", None], "texts": ["context two", None, "no image file"]},
+        ]
+    )
     processor = tiny_processor()
     with pytest.raises(ValueError, match="row 1: .*missing.png"):
         prerender(rows, "interleaved", processor, image_root=str(tmp_path))
@@ -308,8 +403,9 @@ def test_prerender_names_or_skips_bad_rows(tmp_path):
 
 def test_a_missing_image_at_collation_names_its_row(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
-    samples = [{"images": [str(tmp_path / "gone.png")], "prompt": "", "text": "<image>x", "context": None,
-                "row_index": 17}]
+    samples = [
+        {"images": [str(tmp_path / "gone.png")], "prompt": "", "text": "<image>x", "context": None, "row_index": 17}
+    ]
     with pytest.raises(ValueError, match=r"rows \[17\].*gone.png"):
         VisInContextCollator(tiny_processor())(samples)
 
@@ -329,8 +425,9 @@ def test_streamed_rows_are_read_once_across_processes_and_workers(tmp_path):
     seen = []
     for process in range(2):
         loader = torch.utils.data.DataLoader(formatted, batch_size=2, num_workers=2, collate_fn=lambda batch: batch)
-        shard = prepare_data_loader(loader, num_processes=2, process_index=process, dispatch_batches=False,
-                                    put_on_device=False)
+        shard = prepare_data_loader(
+            loader, num_processes=2, process_index=process, dispatch_batches=False, put_on_device=False
+        )
         seen += [sample["context"].split()[1] for batch in shard for sample in batch]
     assert sorted(seen) == sorted(f"{s}-{i}" for s in range(4) for i in range(5))
 
@@ -345,8 +442,9 @@ def test_auto_peft_model_loads_an_adapter(tmp_path):
     base, processor = build_model_and_processor(ModelArguments(), DataArguments())
     base.save_pretrained(tmp_path / "base")
     processor.save_pretrained(tmp_path / "base")
-    model, processor = build_model_and_processor(ModelArguments(model_name_or_path=str(tmp_path / "base"), lora_r=4),
-                                                 DataArguments())
+    model, processor = build_model_and_processor(
+        ModelArguments(model_name_or_path=str(tmp_path / "base"), lora_r=4), DataArguments()
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -370,8 +468,20 @@ def test_the_default_pretraining_run_shows_every_loss_learning(tmp_path):
 
     from pretrain import DEFAULTS
 
-    metrics = main(DEFAULTS, ["--output_dir", str(tmp_path), "--max_steps", "30", "--use_cpu", "--learning_rate", "3e-3",
-                              "--logging_steps", "5"])
+    metrics = main(
+        DEFAULTS,
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "30",
+            "--use_cpu",
+            "--learning_rate",
+            "3e-3",
+            "--logging_steps",
+            "5",
+        ],
+    )
     logs = [entry for entry in metrics["log_history"] if "loss" in entry]
     assert len(logs) == 6
     for entry in logs:

@@ -23,12 +23,27 @@ import visincontext  # noqa: F401  (registers the Auto classes for the folders l
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "examples" / "pretrain.py"
-COMMON = ["--use_cpu", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--logging_steps", "1",
-          "--token_mask_prob", "0.5", "--seed", "3", "--disable_tqdm", "true"]
+COMMON = [
+    "--use_cpu",
+    "--learning_rate",
+    "3e-3",
+    "--lr_scheduler_type",
+    "constant",
+    "--logging_steps",
+    "1",
+    "--token_mask_prob",
+    "0.5",
+    "--seed",
+    "3",
+    "--disable_tqdm",
+    "true",
+]
 
 
 def environment() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
+    return dict(
+        os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1"
+    )
 
 
 def run(args: list[str], timeout: int = 900) -> str:
@@ -51,12 +66,37 @@ def pretrained(tmp_path_factory):
     """One process, per-device batch 8, and two DeepSpeed processes of 4: the same 8 rows in their first step."""
     root = tmp_path_factory.mktemp("user_path")
     start = time.perf_counter()
-    run([sys.executable, str(PRETRAIN), "--output_dir", str(root / "one"), "--max_steps", "6",
-         "--per_device_train_batch_size", "8", *COMMON])
+    run(
+        [
+            sys.executable,
+            str(PRETRAIN),
+            "--output_dir",
+            str(root / "one"),
+            "--max_steps",
+            "6",
+            "--per_device_train_batch_size",
+            "8",
+            *COMMON,
+        ]
+    )
     one = time.perf_counter() - start
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "examples" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "2", str(PRETRAIN),
-              "--output_dir", str(root / "two"), "--max_steps", "6", "--per_device_train_batch_size", "4", *COMMON]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "examples" / "accelerate" / "deepspeed_zero2.yaml"),
+        "--num_processes",
+        "2",
+        str(PRETRAIN),
+        "--output_dir",
+        str(root / "two"),
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "4",
+        *COMMON,
+    ]
     output = run(launch)
     assert "DeepSpeed: DeepSpeedEngine, ZeRO stage 2, 2 processes" in output
     print(f"pretraining: one process {one:.1f}s, two DeepSpeed processes {time.perf_counter() - start - one:.1f}s")
@@ -94,8 +134,10 @@ batch = processor(images=[s[0] for s in samples], text=[s[1] for s in samples], 
 assert batch["attention_mask"][0, 0] == 0, "not left-padded"
 kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
 together = model.generate(**batch, **kwargs)[:, -6:].tolist()
-alone = [model.generate(**processor(images=s[0] or None, text=s[1], context=s[2], return_tensors="pt"), **kwargs)[0, -6:].tolist()
-         for s in samples]
+alone = []
+for images, text, context in samples:
+    inputs = processor(images=images or None, text=text, context=context, return_tensors="pt")
+    alone.append(model.generate(**inputs, **kwargs)[0, -6:].tolist())
 assert together == alone, (together, alone)
 print("RELOADED", json.dumps({"trainable": len(trainable), "generated": together}))
 """
@@ -112,13 +154,48 @@ def test_reloaded_model_is_frozen_pads_left_and_generates_in_a_batch_as_one_by_o
 @pytest.mark.slow
 def test_evaluation_cli_and_finetuning_continue_from_the_pretrained_folder(pretrained, tmp_path):
     results = tmp_path / "eval" / "results.json"
-    run([sys.executable, "-m", "visincontext.evaluation", "--model", str(pretrained / "one"), "--task", "easy-vqa",
-         "--shots", "0", "2", "--limit", "8", "--batch-size", "4", "--output", str(results)])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "visincontext.evaluation",
+            "--model",
+            str(pretrained / "one"),
+            "--task",
+            "easy-vqa",
+            "--shots",
+            "0",
+            "2",
+            "--limit",
+            "8",
+            "--batch-size",
+            "4",
+            "--output",
+            str(results),
+        ]
+    )
     report = json.loads(results.read_text())
-    assert {(r["shots"], r["context_mode"]) for r in report["results"]} == {(0, "text"), (0, "rendered"), (2, "text"),
-                                                                          (2, "rendered")}
-    run([sys.executable, str(ROOT / "examples" / "finetune.py"), "--model_name_or_path", str(pretrained / "one"),
-         "--output_dir", str(tmp_path / "finetuned"), "--max_steps", "3", "--use_cpu", "--disable_tqdm", "true"])
+    assert {(r["shots"], r["context_mode"]) for r in report["results"]} == {
+        (0, "text"),
+        (0, "rendered"),
+        (2, "text"),
+        (2, "rendered"),
+    }
+    run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "finetune.py"),
+            "--model_name_or_path",
+            str(pretrained / "one"),
+            "--output_dir",
+            str(tmp_path / "finetuned"),
+            "--max_steps",
+            "3",
+            "--use_cpu",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     before = AutoModelForImageTextToText.from_pretrained(pretrained / "one").state_dict()
     after = AutoModelForImageTextToText.from_pretrained(tmp_path / "finetuned").state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -129,8 +206,13 @@ def test_evaluation_cli_and_finetuning_continue_from_the_pretrained_folder(pretr
 def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     args = [sys.executable, str(PRETRAIN), *COMMON, "--save_strategy", "steps", "--save_steps", "4"]
     run([*args, "--output_dir", str(tmp_path / "straight"), "--max_steps", "12"])
-    killed = subprocess.Popen([*args, "--output_dir", str(tmp_path / "killed"), "--max_steps", "400"], cwd=ROOT,
-                              env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(
+        [*args, "--output_dir", str(tmp_path / "killed"), "--max_steps", "400"],
+        cwd=ROOT,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = tmp_path / "killed" / "checkpoint-4"
     deadline = time.time() + 600
     while not (checkpoint / "trainer_state.json").exists() and killed.poll() is None and time.time() < deadline:
@@ -138,7 +220,17 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     time.sleep(0.5)  # let it run on past the checkpoint
     killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    run([*args, "--output_dir", str(tmp_path / "killed"), "--max_steps", "12", "--resume_from_checkpoint", str(checkpoint)])
+    run(
+        [
+            *args,
+            "--output_dir",
+            str(tmp_path / "killed"),
+            "--max_steps",
+            "12",
+            "--resume_from_checkpoint",
+            str(checkpoint),
+        ]
+    )
     a = AutoModelForImageTextToText.from_pretrained(tmp_path / "straight").state_dict()
     b = AutoModelForImageTextToText.from_pretrained(tmp_path / "killed").state_dict()
     difference = max((a[k] - b[k]).abs().max().item() for k in a)

@@ -6,6 +6,7 @@
   lists, `None` where the other kind stands), with small drawn images under `images/`; their text is Faker's
   English (`pip install faker`), different in every document, so that the contrastive loss can tell them apart.
 - `easyvqa_sample.jsonl`: 64 questions from the easy-VQA data set (the `easy-vqa` package), images copied.
+- `chat_sample.jsonl` and `mimicit_sample.jsonl`: conversations made from those questions (see `conversations`).
 """
 
 import json
@@ -16,7 +17,13 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 HERE = Path(__file__).parent
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 30), "purple": (140, 50, 170)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (230, 200, 30),
+    "purple": (140, 50, 170),
+}
 SHAPES = ("circle", "square", "triangle")
 
 
@@ -96,8 +103,48 @@ def easy_vqa(rng: random.Random) -> None:
             f.write(json.dumps({"image": name, "question": questions[i], "answer": answers[i]}) + "\n")
 
 
+def conversations() -> None:
+    """Two conversational formats from the easy-VQA sample: `chat_sample.jsonl` (TRL's `messages` + `images`, two
+    questions about one image, the first with a context item) and `mimicit_sample.jsonl` (MIMIC-IT / Otter: a query
+    triplet with three in-context triplets about other images)."""
+    rows = [json.loads(line) for line in (HERE / "easyvqa_sample.jsonl").read_text().splitlines()]
+    with open(HERE / "chat_sample.jsonl", "w") as f:
+        for i in range(0, 32, 2):
+            first, second = rows[i], rows[i + 1]
+            messages = [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "context", "text": "The pictures show one shape in one colour; answer in one word."},
+                        {"type": "image"},
+                        {"type": "text", "text": first["question"]},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": first["answer"]}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": second["question"]}]},
+                {"role": "assistant", "content": [{"type": "text", "text": second["answer"]}]},
+            ]
+            f.write(json.dumps({"messages": messages, "images": [first["image"], second["image"]]}) + "\n")
+    with open(HERE / "mimicit_sample.jsonl", "w") as f:
+        for i in range(0, 64, 4):
+            query, *shots = rows[i : i + 4]
+            in_context = [{"instruction": r["question"], "answer": r["answer"], "image": r["image"]} for r in shots]
+            f.write(
+                json.dumps(
+                    {
+                        "instruction": query["question"],
+                        "answer": query["answer"],
+                        "image": query["image"],
+                        "in_context": in_context,
+                    }
+                )
+                + "\n"
+            )
+
+
 if __name__ == "__main__":
     rng = random.Random(0)
     (HERE / "images").mkdir(exist_ok=True)
     obelics(rng)
     easy_vqa(rng)
+    conversations()

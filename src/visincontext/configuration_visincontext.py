@@ -76,8 +76,14 @@ class VisInContextConfig(PreTrainedConfig):
     # what Trainer's evaluation loop should not gather as predictions: large per-batch tensors, and the loss parts
     # (VisInContextTrainer reports those as `eval_lm_loss`, ...), so that `predictions` are the logits
     keys_to_ignore_at_inference = [
-        "past_key_values", "cache", "media_latents", "media_latents_mask", "media_key_values", "chunk_ids",
-        "lm_loss", "contrastive_loss", "reading_loss",
+        "past_key_values",
+        "cache",
+        "media",
+        "media_key_values",
+        "chunk_ids",
+        "lm_loss",
+        "contrastive_loss",
+        "reading_loss",
     ]
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(
@@ -126,22 +132,37 @@ class VisInContextConfig(PreTrainedConfig):
         # `PreTrainedModel.tie_weights` reads (same workaround as LLaVA).
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
-        for name in ("num_latents", "resampler_depth", "resampler_num_heads", "resampler_head_dim", "resampler_ff_mult",
-                     "cross_attention_every", "cross_attention_num_heads", "cross_attention_head_dim",
-                     "cross_attention_ff_mult", "contrastive_dim", "reading_cells_per_latent", "image_token_id",
-                     "end_of_chunk_token_id"):
+        for name in (
+            "num_latents",
+            "resampler_depth",
+            "resampler_num_heads",
+            "resampler_head_dim",
+            "resampler_ff_mult",
+            "cross_attention_every",
+            "cross_attention_num_heads",
+            "cross_attention_head_dim",
+            "cross_attention_ff_mult",
+            "contrastive_dim",
+            "reading_cells_per_latent",
+            "image_token_id",
+            "end_of_chunk_token_id",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name}: expected an integer, got {value!r}")
             if value < (0 if name.endswith("token_id") else 1):
-                raise ValueError(f"{name}: expected a {'non-negative' if name.endswith('token_id') else 'positive'} "
-                                 f"integer, got {value}")
+                raise ValueError(
+                    f"{name}: expected a {'non-negative' if name.endswith('token_id') else 'positive'} "
+                    f"integer, got {value}"
+                )
         for name in ("contrastive_loss_weight", "contrastive_temperature_init", "reading_loss_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise TypeError(f"{name}: expected a number, got {value!r}")
         if self.contrastive_temperature_init <= 0:
-            raise ValueError(f"contrastive_temperature_init: expected a positive number, got {self.contrastive_temperature_init}")
+            raise ValueError(
+                f"contrastive_temperature_init: expected a positive number, got {self.contrastive_temperature_init}"
+            )
         if self.latent_fusion not in ("sum", "concat"):
             raise ValueError(f"latent_fusion: expected 'sum' or 'concat', got {self.latent_fusion!r}")
         if self.reading_loss_weight < 0:
@@ -154,7 +175,8 @@ class VisInContextConfig(PreTrainedConfig):
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         if not config_dict:
             raise ValueError(
-                f"pretrained_model_name_or_path: no config.json in {str(pretrained_model_name_or_path)!r}; a VisInContext "
+                f"pretrained_model_name_or_path: no config.json in {str(pretrained_model_name_or_path)!r}; "
+                "a VisInContext "
                 "checkpoint is a folder written by save_pretrained (or pass config=...)"
             )
         return config_dict, kwargs

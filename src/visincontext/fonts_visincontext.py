@@ -74,7 +74,6 @@ def font_codepoints(path: str) -> frozenset[int]:
     return frozenset(codepoints)
 
 
-
 def load_fonts(named_paths: list[tuple[str, str]], size: int) -> list[tuple[ImageFont.FreeTypeFont, frozenset[int]]]:
     """`[(argument name, path), ...]` -> `[(font at `size` px, codepoints it covers), ...]`, in the same order.
 
@@ -103,4 +102,12 @@ def fitting_font_size(path: str, line_height: int, cell_width: int) -> int:
     return 4
 
 
-__all__ = ["FONTS_DIR", "DEFAULT_FONT", "DEFAULT_FALLBACK_FONTS", "resolve_font", "font_codepoints", "load_fonts", "fitting_font_size"]
+__all__ = [
+    "FONTS_DIR",
+    "DEFAULT_FONT",
+    "DEFAULT_FALLBACK_FONTS",
+    "resolve_font",
+    "font_codepoints",
+    "load_fonts",
+    "fitting_font_size",
+]

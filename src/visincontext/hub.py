@@ -43,7 +43,8 @@ def _eval_results(eval_results: list[dict] | None) -> list[EvalResult] | None:
         key = (*result.unique_identifier, result.metric_type)
         if key in seen:
             raise ValueError(
-                f"eval_results[{i}]: the same metric for the same task, dataset and config as eval_results[{seen[key]}]; "
+                f"eval_results[{i}]: the same metric for the same task, dataset and config as "
+                f"eval_results[{seen[key]}]; "
                 "give each setting its own dataset_config (e.g. '4-shot-rendered')"
             )
         seen[key] = i
@@ -67,8 +68,9 @@ def _evaluation_table(eval_results: list[dict] | None) -> str:
     lines = ["| task | dataset | setting | split | metric | value |", "|---|---|---|---|---|---|"]
     for entry in eval_results:
         lines.append(
-            f"| {entry.get('task_name', entry['task_type'])} | {entry['dataset_name']} | {entry.get('dataset_config') or ''} "
-            f"| {entry.get('dataset_split', '')} | {entry.get('metric_name', entry['metric_type'])} | {entry['metric_value']:.4g} |"
+            f"| {entry.get('task_name', entry['task_type'])} | {entry['dataset_name']} "
+            f"| {entry.get('dataset_config') or ''} | {entry.get('dataset_split', '')} "
+            f"| {entry.get('metric_name', entry['metric_type'])} | {entry['metric_value']:.4g} |"
         )
     return "\n".join(lines)
 
@@ -85,8 +87,21 @@ def _training_details(training_args, datasets: list[str] | None) -> str:
     if training_args is None:
         return "No training details were given."
     settings = training_args.to_dict() if hasattr(training_args, "to_dict") else dict(training_args)
-    keys = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs",
-            "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "bf16", "fp16", "deepspeed", "seed")
+    keys = (
+        "learning_rate",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_steps",
+        "num_train_epochs",
+        "lr_scheduler_type",
+        "warmup_steps",
+        "weight_decay",
+        "max_grad_norm",
+        "bf16",
+        "fp16",
+        "deepspeed",
+        "seed",
+    )
     rows = [f"| {key} | {settings[key]} |" for key in keys if settings.get(key) not in (None, "", -1)]
     data = f"Data: {', '.join(datasets)}.\n\n" if datasets else ""
     return data + "| TrainingArguments | value |\n|---|---|\n" + "\n".join(rows)
@@ -186,7 +201,9 @@ def prepare_repo(
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         processor.save_pretrained(staging)
-        card = build_model_card(model, processor, repo_id=repo_id, eval_results=eval_results, training_args=training_args, **card_kwargs)
+        card = build_model_card(
+            model, processor, repo_id=repo_id, eval_results=eval_results, training_args=training_args, **card_kwargs
+        )
         card.save(staging / "README.md")
         if eval_results:
             (staging / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
@@ -219,7 +236,10 @@ def publish(
     lists what would be uploaded. Returns the (path, size) list either way."""
     root = Path(out_dir)
     if not (root / "config.json").is_file() or not (root / "processor_config.json").is_file():
-        raise ValueError(f"out_dir: {str(out_dir)!r} is not a folder written by prepare_repo (no config.json / processor_config.json)")
+        raise ValueError(
+            f"out_dir: {str(out_dir)!r} is not a folder written by prepare_repo "
+            "(no config.json / processor_config.json)"
+        )
     check_repo_id(repo_id)
     files = repo_files(out_dir)
     if dry_run:

@@ -26,13 +26,13 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Generat
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     BaseModelOutputWithPooling,
     CausalLMOutputWithPast,
     ModelOutput,
 )
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
@@ -52,19 +52,149 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
     if cache is not None and past_key_values is not None:
         raise ValueError("cache: pass the KV cache as `cache` or as `past_key_values`, not both")
     if past_key_values is not None and CACHE_NAME == "cache":  # the installed transformers' own deprecation
-        warnings.warn("`past_key_values` is deprecated since transformers 5.24: pass the KV cache as `cache`", FutureWarning)
+        warnings.warn(
+            "`past_key_values` is deprecated since transformers 5.24: pass the KV cache as `cache`",
+            FutureWarning,
+            stacklevel=3,
+        )
     return cache if cache is not None else past_key_values
+
+
+CONTEXT_CHUNK = -1  # the chunk of a memory slot that every chunk reads (a context page's latents, in "concat")
+
+
+@dataclass
+class MediaMemory(ModelOutput):
+    r"""
+    What the gated cross-attention reads, described once: the latents, and for each memory slot where its latents
+    come from, which chunk reads it and whether it holds anything. The cross-attention mask follows from it
+    (`readable`), and each block projects the latents once (`slot_values`).
+
+    latents (`torch.FloatTensor` of shape `(B, M, D)`):
+        The resampled latents of the `N` images, then of the `P` context pages, `L` each (`M = (N + P) * L`);
+        zeros for padded images and pages and for images whose latents are dropped (token masking).
+    slot_sources (`torch.LongTensor` of shape `(S, 2)`):
+        For each slot, the latent (index into `latents`) of its context page and of its image, -1 for none; a slot
+        with both holds their sum (`latent_fusion="sum"`). With "concat", image slots and context slots are apart.
+    slot_chunk (`torch.LongTensor` of shape `(S,)`):
+        The chunk whose tokens read the slot: image `i`'s slots belong to chunk `i + 1` (chunk 0 holds the tokens
+        before the first `<image>`); `CONTEXT_CHUNK` (-1) for context slots that every chunk reads.
+    slot_valid (`torch.LongTensor` of shape `(B, S)`):
+        1 where the slot holds a real image or page, 0 for padding (like `attention_mask`).
+    """
+
+    latents: torch.FloatTensor | None = None
+    slot_sources: torch.LongTensor | None = None
+    slot_chunk: torch.LongTensor | None = None
+    slot_valid: torch.LongTensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
+
+    def slot_values(self, projected: torch.Tensor) -> torch.Tensor:
+        """Per-source values (B, M, X) (e.g. the latents projected by a block) -> per-slot values (B, S, X). Exact for
+        a linear projection without bias: the projection of a sum is the sum of the projections."""
+        padded = torch.cat([projected, projected.new_zeros(projected.shape[0], 1, projected.shape[2])], dim=1)
+        index = torch.where(self.slot_sources < 0, projected.shape[1], self.slot_sources)  # -1 -> the zero row
+        return padded[:, index[:, 0]] + padded[:, index[:, 1]]
+
+    def readable(self, chunk_ids: torch.LongTensor, only_attend_immediate_media: bool) -> torch.BoolTensor:
+        """chunk_ids (B, T) -> (B, T, S): the slots each token reads. A token reads the context and its own chunk's
+        image, and also every earlier image when `only_attend_immediate_media` is False."""
+        chunk = self.slot_chunk[None, None, :]
+        token = chunk_ids[..., None]
+        readable = (chunk == CONTEXT_CHUNK) | (chunk == token)
+        if not only_attend_immediate_media:
+            readable = readable | ((chunk >= 1) & (chunk < token))
+        return readable & self.slot_valid.bool()[:, None, :]
+
+    def for_batch(self, batch_size: int) -> "MediaMemory":
+        """This memory for a batch of `batch_size` rows: the same, or each sample's memory repeated for consecutive
+        rows (several prompts about one document; the beams or samples of `generate`)."""
+        if batch_size == self.batch_size:
+            return self
+        if batch_size % self.batch_size:
+            raise ValueError(f"media: a memory of {self.batch_size} samples cannot serve a batch of {batch_size}")
+        repeats = batch_size // self.batch_size
+        return MediaMemory(
+            latents=self.latents.repeat_interleave(repeats, dim=0),
+            slot_sources=self.slot_sources,
+            slot_chunk=self.slot_chunk,
+            slot_valid=self.slot_valid.repeat_interleave(repeats, dim=0),
+        )
+
+
+def build_media_memory(
+    image_latents: torch.Tensor | None,
+    image_valid: torch.BoolTensor | None,
+    context_latents: torch.Tensor | None,
+    context_valid: torch.BoolTensor | None,
+    latent_fusion: str,
+) -> MediaMemory:
+    """The memory of a batch. image_latents: (B, N, L, D), image_valid: (B, N) (real and not dropped);
+    context_latents: (B, P, L, D), context_valid: (B, P).
+
+    "concat" (or no pages): one slot per image latent (read by its chunk) and one per page latent (read by all).
+    "sum": for each chunk c, one slot per page latent, fused with latent l of image c - 1 (chunk 0: the pages
+    alone), as upstream; a sample without pages reads its image through page 0's slots, which hold its image only.
+    """
+    reference = image_latents if image_latents is not None else context_latents
+    batch_size, _, num_latents, dim = reference.shape
+    device = reference.device
+    if image_latents is None:
+        image_latents = reference.new_zeros(batch_size, 0, num_latents, dim)
+        image_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+    if context_latents is None:
+        context_latents = reference.new_zeros(batch_size, 0, num_latents, dim)
+        context_valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+    num_images, num_pages = image_latents.shape[1], context_latents.shape[1]
+    image_latents = image_latents * image_valid[..., None, None].to(image_latents.dtype)
+    latents = torch.cat([image_latents.flatten(1, 2), context_latents.flatten(1, 2)], dim=1)  # (B, M, D)
+    latent = torch.arange(num_latents, device=device)
+    image_sources = (torch.arange(num_images, device=device)[:, None] * num_latents + latent).flatten()  # (N * L,)
+    page_sources = num_images * num_latents + torch.arange(num_pages * num_latents, device=device)  # (P * L,)
+    none = torch.full_like(image_sources, -1)
+    if latent_fusion == "concat" or num_pages == 0:
+        sources = torch.cat(
+            [torch.stack([none, image_sources], 1), torch.stack([page_sources, torch.full_like(page_sources, -1)], 1)]
+        )
+        chunk = torch.cat(
+            [
+                torch.arange(1, num_images + 1, device=device).repeat_interleave(num_latents),
+                torch.full((num_pages * num_latents,), CONTEXT_CHUNK, device=device),
+            ]
+        )
+        valid = torch.cat(
+            [image_valid.repeat_interleave(num_latents, dim=1), context_valid.repeat_interleave(num_latents, dim=1)], 1
+        )
+        return MediaMemory(latents=latents, slot_sources=sources, slot_chunk=chunk, slot_valid=valid.long())
+    # "sum": chunk c (0..N) x page p x latent l <- page p's latent l + image c - 1's latent l
+    num_chunks = num_images + 1
+    page_part = page_sources.view(1, num_pages, num_latents).expand(num_chunks, -1, -1)
+    image_of_chunk = torch.cat(
+        [torch.full((1, num_latents), -1, device=device), image_sources.view(num_images, num_latents)]
+    )
+    image_part = image_of_chunk[:, None, :].expand(-1, num_pages, -1)
+    sources = torch.stack([page_part, image_part], dim=-1).reshape(-1, 2)
+    chunk = torch.arange(num_chunks, device=device).repeat_interleave(num_pages * num_latents)
+    chunk_has_image = torch.cat(
+        [torch.zeros(batch_size, 1, dtype=torch.bool, device=device), image_valid], dim=1
+    )  # (B, C)
+    no_pages = ~context_valid.any(dim=1)  # (B,)
+    first_page = torch.zeros(num_pages, dtype=torch.bool, device=device)
+    first_page[0] = True
+    page_valid = context_valid[:, None, :] | (chunk_has_image & no_pages[:, None])[..., None] & first_page  # (B, C, P)
+    valid = page_valid[..., None].expand(-1, -1, -1, num_latents).reshape(batch_size, -1)
+    return MediaMemory(latents=latents, slot_sources=sources, slot_chunk=chunk, slot_valid=valid.long())
 
 
 @dataclass
 class VisInContextModelOutputWithPast(BaseModelOutputWithPast):
     r"""
-    media_latents (`torch.FloatTensor` of shape `(B, C, K, D)`):
-        Fused image and rendered-context latents per chunk: what the cross-attention reads. Reused by
-        `generate` so images and pages are encoded once per call.
-    media_latents_mask (`torch.LongTensor` of shape `(B, C, K)`):
-        1 where a memory slot holds a real image or page, 0 for padding (like `attention_mask`).
-    media_key_values (tuple of `(key, value)` pairs, each `(B, heads, C * K, head_dim)`):
+    media (`MediaMemory`):
+        What the cross-attention read. Reused by `generate` at every step (and by a caller to ask again).
+    media_key_values (tuple of `(key, value)` pairs, each `(B, heads, S, head_dim)`):
         The memory projected by each cross-attention block: computed once, reused by `generate` at every step.
     chunk_ids (`torch.LongTensor` of shape `(B, T)`):
         Chunk of each text token: the number of `<image>` tokens up to and including it.
@@ -72,8 +202,7 @@ class VisInContextModelOutputWithPast(BaseModelOutputWithPast):
         Resampled latents of the rendered context pages (zeros for padded pages).
     """
 
-    media_latents: torch.FloatTensor | None = None
-    media_latents_mask: torch.BoolTensor | None = None
+    media: MediaMemory | None = None
     media_key_values: tuple | None = None
     chunk_ids: torch.LongTensor | None = None
     context_latents: torch.FloatTensor | None = None
@@ -93,15 +222,14 @@ class VisInContextCausalLMOutputWithPast(CausalLMOutputWithPast):
         Text-centric contrastive loss between rendered-context latents and the same text read by the LM.
     reading_loss (`torch.FloatTensor` of shape `()`):
         Cross-entropy of the reading head's characters against `context_reading_targets` (reading objective).
-    media_latents, media_latents_mask, media_key_values, chunk_ids:
+    media, media_key_values, chunk_ids:
         As in `VisInContextModelOutputWithPast`.
     """
 
     lm_loss: torch.FloatTensor | None = None
     contrastive_loss: torch.FloatTensor | None = None
     reading_loss: torch.FloatTensor | None = None
-    media_latents: torch.FloatTensor | None = None
-    media_latents_mask: torch.BoolTensor | None = None
+    media: MediaMemory | None = None
     media_key_values: tuple | None = None
     chunk_ids: torch.LongTensor | None = None
 
@@ -194,7 +322,9 @@ def eager_attention_forward(
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
-    weights = F.dropout(weights.softmax(dim=-1, dtype=torch.float32).to(query.dtype), p=dropout, training=module.training)
+    weights = F.dropout(
+        weights.softmax(dim=-1, dtype=torch.float32).to(query.dtype), p=dropout, training=module.training
+    )
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
@@ -207,7 +337,9 @@ def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: tor
     """
     implementation = "eager" if module.config._attn_implementation == "eager" else "sdpa"
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    output, _ = interface(module, query, key, value, mask, scaling=query.shape[-1] ** -0.5, dropout=0.0, is_causal=False)
+    output, _ = interface(
+        module, query, key, value, mask, scaling=query.shape[-1] ** -0.5, dropout=0.0, is_causal=False
+    )
     return output.flatten(2)
 
 
@@ -277,9 +409,11 @@ class MaskedCrossAttention(nn.Module):
         self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, hidden_size, bias=False)
 
-    def key_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """media: (B, S, D) flattened memory -> key, value (B, h, S, dh). Computed once per `generate`."""
-        key, value = self.to_kv(media.to(self.to_kv.weight.dtype)).chunk(2, dim=-1)
+    def key_values(self, media: MediaMemory) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory's keys and values (B, h, S, dh): the latents projected once (each image and page, not each
+        chunk's copy), then arranged into slots. Computed once per `generate`."""
+        projected = self.to_kv(media.latents.to(self.to_kv.weight.dtype))  # (B, M, 2 * inner)
+        key, value = media.slot_values(projected).chunk(2, dim=-1)
         return _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)
 
     def forward(
@@ -323,7 +457,9 @@ class VisInContextDecoderLayer(nn.Module):
     The media arrive as keyword arguments of the LM's forward, which v5 decoder stacks hand to every layer.
     """
 
-    def __init__(self, decoder_layer: nn.Module, gated_cross_attention: GatedCrossAttentionBlock | None, index: int | None):
+    def __init__(
+        self, decoder_layer: nn.Module, gated_cross_attention: GatedCrossAttentionBlock | None, index: int | None
+    ):
         super().__init__()
         self.gated_cross_attention = gated_cross_attention
         self.decoder_layer = decoder_layer
@@ -388,14 +524,18 @@ def _check_rank(name: str, tensor: torch.Tensor | None, shape: str, rank: int) -
         raise ValueError(f"{name}: expected {shape}, got shape {tuple(tensor.shape)}")
 
 
-def _bool_mask(name: str, mask: torch.Tensor | None, shape: torch.Size | None, values_name: str) -> torch.BoolTensor | None:
+def _bool_mask(
+    name: str, mask: torch.Tensor | None, shape: torch.Size | None, values_name: str
+) -> torch.BoolTensor | None:
     """A (batch, media) mask as booleans: bool or 0/1 integers are accepted, its shape must be `shape`."""
     if mask is None:
         return None
     if shape is None:
         raise ValueError(f"{name}: given without {values_name}")
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)} (the first two dims of {values_name}), got {tuple(mask.shape)}")
+        raise ValueError(
+            f"{name}: expected shape {tuple(shape)} (the first two dims of {values_name}), got {tuple(mask.shape)}"
+        )
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point() or mask.is_complex():
@@ -420,10 +560,15 @@ def _init_new_parts(module: nn.Module, std: float) -> None:
         init.constant_(module.logit_scale, math.log(1.0 / module.temperature_init))
 
 
-# Names of the trainable parts VisInContext places inside the language model (also PEFT `modules_to_save`).
-NEW_PARTS_INSIDE_LANGUAGE_MODEL = (".gated_cross_attention.", ".media_embedding.", ".media_head.")
+# The names of the modules VisInContext adds (one place): what stays trainable when the backbones are frozen, what
+# bitsandbytes leaves unquantised, and what PEFT trains in full and saves with an adapter (`modules_to_save`).
 NEW_MODULES = (
-    "image_resampler", "context_resampler", "gated_cross_attention", "media_embedding", "media_head", "contrastive_head",
+    "image_resampler",
+    "context_resampler",
+    "gated_cross_attention",
+    "media_embedding",
+    "media_head",
+    "contrastive_head",
     "reading_head",
 )
 
@@ -435,13 +580,14 @@ class VisInContextPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["VisInContextDecoderLayer", "PerceiverResampler", "CLIPEncoderLayer", "SiglipEncoderLayer"]
+    _no_split_modules = ["VisInContextDecoderLayer", "PerceiverResampler"]  # post_init adds the backbones' own
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+
     # `resize_token_embeddings` keeps the input embedding's own class (transformers resizes its weight in place), so
     # `MediaTokenEmbedding` keeps its media rows; the LM head is rebuilt as a plain `nn.Linear`, so this hook (private,
     # pinned by test_resize_token_embeddings_keeps_media_rows) moves the resized weight into the existing head.
@@ -515,10 +661,9 @@ class VisInContextPreTrainedModel(PreTrainedModel):
     def _freeze_backbones(self) -> None:
         """Freeze the vision tower and LM body as configured; new parts stay trainable."""
         for name, param in self.named_parameters():
+            new = any(f".{module}." in f".{name}" for module in NEW_MODULES)
             in_vision = "vision_tower." in name
-            in_language = ("language_model." in name or name.startswith("lm_head.")) and not (
-                any(part in name for part in NEW_PARTS_INSIDE_LANGUAGE_MODEL)
-            )
+            in_language = ("language_model." in name or name.startswith("lm_head.")) and not new
             if (in_vision and self.config.freeze_vision_tower) or (in_language and self.config.freeze_language_model):
                 param.requires_grad_(False)
 
@@ -538,7 +683,9 @@ class VisInContextModel(VisInContextPreTrainedModel):
         self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
         self.image_resampler = PerceiverResampler(config)
         self.context_resampler = PerceiverResampler(config)
-        self.language_model = language_model if language_model is not None else AutoModel.from_config(config.text_config)
+        self.language_model = (
+            language_model if language_model is not None else AutoModel.from_config(config.text_config)
+        )
         self._wrap_language_model()
         self.post_init()
         self._freeze_backbones()
@@ -559,18 +706,21 @@ class VisInContextModel(VisInContextPreTrainedModel):
         positions = {layer: position for position, layer in enumerate(sorted(cross_attention_layers))}
         self.language_model.layers = nn.ModuleList(
             VisInContextDecoderLayer(layer, GatedCrossAttentionBlock(self.config), positions[i])
-            if i in positions else VisInContextDecoderLayer(layer, None, None)
+            if i in positions
+            else VisInContextDecoderLayer(layer, None, None)
             for i, layer in enumerate(layers)
         )
         old = self.language_model.get_input_embeddings()
-        embedding = MediaTokenEmbedding(old.num_embeddings, old.embedding_dim, self.config.media_token_ids, old.padding_idx)
+        embedding = MediaTokenEmbedding(
+            old.num_embeddings, old.embedding_dim, self.config.media_token_ids, old.padding_idx
+        )
         embedding.weight = old.weight  # keep the LM's (already initialised) vocabulary
         self.language_model.set_input_embeddings(embedding)
         # the wrapped LM's name for its KV cache argument (`cache` from transformers 5.24, `past_key_values` before)
         parameters = inspect.signature(self.language_model.forward).parameters
         self.language_model_cache_argument = "cache" if "cache" in parameters else "past_key_values"
         # Tensor parallelism shards the decoder layers as the LM's plan says (they now sit one level deeper); the
-        # media-token embedding and head, and the new blocks, stay replicated (they are not written for sharded weights).
+        # media-token embedding and head, and the new blocks, stay replicated (not written for sharded weights).
         self.language_model.tp_plan = {
             key.replace("layers.*.", "layers.*.decoder_layer."): value
             for key, value in (self.language_model.tp_plan or {}).items()
@@ -595,21 +745,25 @@ class VisInContextModel(VisInContextPreTrainedModel):
             attentions=vision_outputs.attentions,
         )
 
-    def encode_media(
+    def resample_media(
         self,
         pixel_values: torch.FloatTensor | None,
         image_mask: torch.BoolTensor | None,
         context_pixel_values: torch.FloatTensor | None,
         context_mask: torch.BoolTensor | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Encodes the real images and pages (padding skipped) in one vision-tower call.
+        """Encodes the real images and pages (padding skipped) in one vision-tower call and resamples them.
 
         pixel_values: (B, N, 3, H, W), image_mask: (B, N); context_pixel_values: (B, P, 3, H, W),
         context_mask: (B, P). Returns image latents (B, N, L, D) and context latents (B, P, L, D),
         zeros where padded, or `None` for an absent input.
         """
         # without a mask every slot is real: no gather (this also keeps the path shape-only, e.g. on the meta device)
-        groups = [v.flatten(0, 1) if m is None else v[m] for v, m in ((pixel_values, image_mask), (context_pixel_values, context_mask)) if v is not None]
+        groups = [
+            v.flatten(0, 1) if m is None else v[m]
+            for v, m in ((pixel_values, image_mask), (context_pixel_values, context_mask))
+            if v is not None
+        ]
         frames = torch.cat(groups)  # (M, 3, H, W)
         dtype = self.vision_tower.dtype
         features = self.vision_tower(pixel_values=frames.to(dtype)).last_hidden_state if len(frames) else None
@@ -624,7 +778,11 @@ class VisInContextModel(VisInContextPreTrainedModel):
             shape = (*values.shape[:2], self.config.num_latents, self.config.vision_config.hidden_size)
             count = values.shape[0] * values.shape[1] if mask is None else int(mask.sum())
             if mask is None:
-                latents = resampler(features[start : start + count]).view(shape) if count else values.new_zeros(shape, dtype=dtype)
+                latents = (
+                    resampler(features[start : start + count]).view(shape)
+                    if count
+                    else values.new_zeros(shape, dtype=dtype)
+                )
             else:
                 latents = values.new_zeros(shape, dtype=dtype)
                 if count:
@@ -633,64 +791,43 @@ class VisInContextModel(VisInContextPreTrainedModel):
             start += count
         return outputs[0], outputs[1]
 
-    def fuse_media(
+    def encode_media(
         self,
-        image_latents: torch.Tensor | None,
-        image_valid: torch.BoolTensor | None,
-        context_latents: torch.Tensor | None,
-        context_valid: torch.BoolTensor | None,
-    ) -> tuple[torch.Tensor, torch.BoolTensor]:
-        """Builds the memory each chunk reads: chunk 0 (before any image) holds the context alone,
-        chunk c >= 1 fuses image c - 1 with the context (`config.latent_fusion`).
+        pixel_values: torch.FloatTensor | None = None,
+        image_mask: torch.BoolTensor | None = None,
+        context_pixel_values: torch.FloatTensor | None = None,
+        context_mask: torch.BoolTensor | None = None,
+        image_latents_mask: torch.BoolTensor | None = None,
+    ) -> MediaMemory:
+        """Images and rendered pages -> the `MediaMemory` the cross-attention reads: encode a document once and pass
+        the result as `media=` to `forward` or `generate` for as many prompts as you like (a memory of one sample
+        serves a batch of prompts). Not changed by those calls. Arguments as in `forward`."""
+        if pixel_values is None and context_pixel_values is None:
+            raise ValueError("pixel_values: pass images (pixel_values) or rendered pages (context_pixel_values)")
+        batch_size = (pixel_values if pixel_values is not None else context_pixel_values).shape[0]
+        image_mask, context_mask, image_latents_mask = self._validate_media(
+            batch_size, pixel_values, image_mask, context_pixel_values, context_mask, image_latents_mask
+        )
+        return self._encode(pixel_values, image_mask, context_pixel_values, context_mask, image_latents_mask)[0]
 
-        image_latents: (B, N, L, D), image_valid: (B, N); context_latents: (B, P, L, D), context_valid: (B, P).
-        Returns memory (B, N + 1, K, D) and its mask (B, N + 1, K).
-        """
-        reference = image_latents if image_latents is not None else context_latents
-        batch_size, _, num_latents, dim = reference.shape
-        if image_latents is None:
-            image_latents, image_valid = reference.new_zeros(batch_size, 0, num_latents, dim), reference.new_zeros(batch_size, 0, dtype=torch.bool)
-        if context_latents is None:
-            context_latents, context_valid = reference.new_zeros(batch_size, 0, num_latents, dim), reference.new_zeros(batch_size, 0, dtype=torch.bool)
-        num_images, num_pages = image_latents.shape[1], context_latents.shape[1]
-        # chunk 0 has no image: prepend an empty slot so chunk c reads image c - 1
-        image_latents = torch.cat([image_latents.new_zeros(batch_size, 1, num_latents, dim), image_latents], dim=1)
-        image_valid = torch.cat([image_valid.new_zeros(batch_size, 1), image_valid], dim=1)  # (B, C)
-        image_latents = image_latents * image_valid[..., None, None].to(image_latents.dtype)
-        image_slots_valid = image_valid[..., None].expand(-1, -1, num_latents)  # (B, C, L)
-        context_flat = context_latents.flatten(1, 2)  # (B, P * L, D)
-        context_slots_valid = context_valid.repeat_interleave(num_latents, dim=1)  # (B, P * L)
-        num_chunks = num_images + 1
-
-        if self.config.latent_fusion == "concat" or num_pages == 0:
-            memory = torch.cat([image_latents, context_flat[:, None].expand(-1, num_chunks, -1, -1)], dim=2)
-            mask = torch.cat([image_slots_valid, context_slots_valid[:, None].expand(-1, num_chunks, -1)], dim=2)
-            return memory, mask
-        # "sum": every page's latents plus the chunk's image latents (upstream adds them element-wise)
-        memory = context_latents[:, None] + image_latents[:, :, None]  # (B, C, P, L, D)
-        page_valid = context_valid[:, None, :].expand(-1, num_chunks, -1)  # (B, C, P)
-        # a sample without pages still reads its image: through page slot 0, which holds zeros
-        no_pages = ~context_valid.any(dim=1)
-        first_page = torch.zeros_like(context_valid)
-        first_page[:, 0] = True
-        page_valid = page_valid | (image_valid & no_pages[:, None])[..., None] & first_page[:, None]
-        return memory.flatten(2, 3), page_valid.repeat_interleave(num_latents, dim=2)
-
-    def cross_attention_mask(self, chunk_ids: torch.LongTensor, media_latents_mask: torch.BoolTensor) -> torch.BoolTensor:
-        """chunk_ids: (B, T), media_latents_mask: (B, C, K) -> (B, T, C * K): which slots each token reads."""
-        num_chunks, num_slots = media_latents_mask.shape[1:]
-        chunk_ids = chunk_ids.clamp(max=num_chunks - 1)
-        chunks = torch.arange(num_chunks, device=chunk_ids.device)
-        readable = chunks[None, None, :] == chunk_ids[..., None]  # (B, T, C)
-        readable = readable[..., None].expand(-1, -1, -1, num_slots)
-        if not self.config.only_attend_immediate_media:
-            # earlier images, but the context (which every chunk holds) only once: from the token's own chunk
-            is_image_slot = torch.arange(num_slots, device=chunk_ids.device) < self.config.num_latents
-            if self.config.latent_fusion == "sum" and num_slots != self.config.num_latents:
-                is_image_slot = torch.ones_like(is_image_slot)  # fused slots: each carries its own image
-            earlier = (chunks[None, None, :] < chunk_ids[..., None]) & (chunks >= 1)
-            readable = readable | (earlier[..., None] & is_image_slot)
-        return (readable & media_latents_mask.bool()[:, None]).flatten(2)
+    def _encode(self, pixel_values, image_mask, context_pixel_values, context_mask, image_latents_mask):
+        """(MediaMemory, context latents (B, P, L, D) or None) from validated media inputs."""
+        image_latents, context_latents = self.resample_media(
+            pixel_values, image_mask, context_pixel_values, context_mask
+        )
+        if pixel_values is not None and image_mask is None:
+            image_mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
+        if context_pixel_values is not None and context_mask is None:
+            context_mask = torch.ones(
+                context_pixel_values.shape[:2], dtype=torch.bool, device=context_pixel_values.device
+            )
+        image_valid = (
+            image_mask if image_latents_mask is None or image_mask is None else image_mask & image_latents_mask
+        )
+        memory = build_media_memory(
+            image_latents, image_valid, context_latents, context_mask, self.config.latent_fusion
+        )
+        return memory, context_latents
 
     def _chunk_ids(self, input_ids, inputs_embeds, past_chunk_ids) -> torch.LongTensor:
         if input_ids is not None:
@@ -706,8 +843,16 @@ class VisInContextModel(VisInContextPreTrainedModel):
         return chunk_ids
 
     def _validate(
-        self, input_ids, inputs_embeds, attention_mask, cache, pixel_values, image_mask, context_pixel_values,
-        context_mask, image_latents_mask,
+        self,
+        input_ids,
+        inputs_embeds,
+        attention_mask,
+        cache,
+        pixel_values,
+        image_mask,
+        context_pixel_values,
+        context_mask,
+        image_latents_mask,
     ) -> tuple[torch.BoolTensor | None, torch.BoolTensor | None, torch.BoolTensor | None]:
         """Checks the inputs' shapes and values, naming the argument. Returns the three media masks as booleans."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -717,14 +862,20 @@ class VisInContextModel(VisInContextPreTrainedModel):
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch_size, length = tokens.shape[:2]
         if length == 0:
-            raise ValueError(f"{'input_ids' if input_ids is not None else 'inputs_embeds'}: expected at least one token, "
-                             f"got an empty sequence {tuple(tokens.shape)}")
+            raise ValueError(
+                f"{'input_ids' if input_ids is not None else 'inputs_embeds'}: expected at least one token, "
+                f"got an empty sequence {tuple(tokens.shape)}"
+            )
         if inputs_embeds is not None and inputs_embeds.shape[-1] != self.config.text_config.hidden_size:
-            raise ValueError(f"inputs_embeds: expected hidden size {self.config.text_config.hidden_size}, "
-                             f"got {inputs_embeds.shape[-1]}")
+            raise ValueError(
+                f"inputs_embeds: expected hidden size {self.config.text_config.hidden_size}, "
+                f"got {inputs_embeds.shape[-1]}"
+            )
         if input_ids is not None and input_ids.device.type != "meta":  # data-dependent: not on the meta device
             vocab_size, media = self.config.text_config.vocab_size, list(self.config.media_token_ids)
-            invalid = (input_ids < 0) | ((input_ids >= vocab_size) & ~torch.isin(input_ids, input_ids.new_tensor(media)))
+            invalid = (input_ids < 0) | (
+                (input_ids >= vocab_size) & ~torch.isin(input_ids, input_ids.new_tensor(media))
+            )
             if invalid.any():
                 raise ValueError(
                     f"input_ids: ids {sorted(set(input_ids[invalid].tolist()))[:10]} are not in the vocabulary "
@@ -733,8 +884,18 @@ class VisInContextModel(VisInContextPreTrainedModel):
         if attention_mask is not None and attention_mask.ndim == 2:
             past = cache.get_seq_length() if cache is not None else 0
             if tuple(attention_mask.shape) != (batch_size, past + length):
-                raise ValueError(f"attention_mask: expected shape {(batch_size, past + length)} (the batch and the "
-                                 f"{past} cached + {length} new tokens), got {tuple(attention_mask.shape)}")
+                raise ValueError(
+                    f"attention_mask: expected shape {(batch_size, past + length)} (the batch and the "
+                    f"{past} cached + {length} new tokens), got {tuple(attention_mask.shape)}"
+                )
+        return self._validate_media(
+            batch_size, pixel_values, image_mask, context_pixel_values, context_mask, image_latents_mask
+        )
+
+    def _validate_media(
+        self, batch_size, pixel_values, image_mask, context_pixel_values, context_mask, image_latents_mask
+    ):
+        """Checks the media inputs' shapes and values, naming the argument. Returns the three masks as booleans."""
         vision = self.config.vision_config
         image_size, channels = vision.image_size, getattr(vision, "num_channels", 3)
         checked = {}
@@ -745,14 +906,27 @@ class VisInContextModel(VisInContextPreTrainedModel):
             name, mask_name, kind = names
             expected = f"(batch, {kind}, {channels}, {image_size}, {image_size})"
             if values is not None:
-                if values.ndim != 5 or values.shape[0] != batch_size or tuple(values.shape[2:]) != (channels, image_size, image_size):
-                    hint = " (channels last? expected channels first)" if values.ndim == 5 and values.shape[-1] == channels else ""
-                    raise ValueError(f"{name}: expected {expected} with batch {batch_size}, got {tuple(values.shape)}{hint}")
+                if (
+                    values.ndim != 5
+                    or values.shape[0] != batch_size
+                    or tuple(values.shape[2:]) != (channels, image_size, image_size)
+                ):
+                    hint = (
+                        " (channels last? expected channels first)"
+                        if values.ndim == 5 and values.shape[-1] == channels
+                        else ""
+                    )
+                    raise ValueError(
+                        f"{name}: expected {expected} with batch {batch_size}, got {tuple(values.shape)}{hint}"
+                    )
                 if not values.is_floating_point():
                     raise TypeError(f"{name}: expected a float tensor (normalised pixels), got {values.dtype}")
             checked[mask_name] = _bool_mask(mask_name, mask, None if values is None else values.shape[:2], name)
         checked["image_latents_mask"] = _bool_mask(
-            "image_latents_mask", image_latents_mask, None if pixel_values is None else pixel_values.shape[:2], "pixel_values"
+            "image_latents_mask",
+            image_latents_mask,
+            None if pixel_values is None else pixel_values.shape[:2],
+            "pixel_values",
         )
         return checked["image_mask"], checked["context_mask"], checked["image_latents_mask"]
 
@@ -769,8 +943,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
         context_pixel_values: torch.FloatTensor | None = None,
         context_mask: torch.BoolTensor | None = None,
         image_latents_mask: torch.BoolTensor | None = None,
-        media_latents: torch.FloatTensor | None = None,
-        media_latents_mask: torch.BoolTensor | None = None,
+        media: MediaMemory | None = None,
         media_key_values: tuple | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
         context_cut_characters: torch.LongTensor | None = None,
@@ -784,63 +957,52 @@ class VisInContextModel(VisInContextPreTrainedModel):
         pixel_values (`(B, N, 3, H, W)`): images in `<image>` order; `image_mask` (`(B, N)`) marks real ones.
         context_pixel_values (`(B, P, 3, H, W)`): rendered context pages; `context_mask` (`(B, P)`) marks real ones.
         image_latents_mask (`(B, N)`): False drops an image's latents (token masking), leaving the context.
-        media_latents (`(B, C, K, D)`) / media_latents_mask (`(B, C, K)`): pre-encoded memory from an earlier
-            output; when given, images and pages are not encoded again.
-        media_key_values: the memory already projected by each cross-attention block (an earlier output's
-            `media_key_values`, with its `media_latents_mask`); `generate` passes it at every decoding step.
+        media (`MediaMemory`): images and pages encoded already (`encode_media`, or an earlier output's `media`);
+            when given, no pixels are encoded. A memory of one sample serves a batch of prompts.
+        media_key_values: the memory already projected by each cross-attention block (an earlier output's, with its
+            `media`); `generate` passes both at every decoding step.
         past_chunk_ids (`(B,)`): chunk of the last cached token, so that new tokens continue its chunk.
         context_cut_characters (`(B,)`): ignored; the processor reports there how much context `max_pages` cut.
         cache: the KV cache (`past_key_values` before transformers 5.24; either name is accepted).
         """
         cache = _one_cache(cache, past_key_values)
         image_mask, context_mask, image_latents_mask = self._validate(
-            input_ids, inputs_embeds, attention_mask, cache, pixel_values, image_mask, context_pixel_values, context_mask,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            cache,
+            pixel_values,
+            image_mask,
+            context_pixel_values,
+            context_mask,
             image_latents_mask,
         )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         chunk_ids = self._chunk_ids(input_ids, inputs_embeds, past_chunk_ids)
-
-        if media_latents is None and media_key_values is None and input_ids is not None and input_ids.device.type != "meta":
-            # the prompt's <image> tokens must match its images (a data-dependent check: not on the meta device)
-            num_image_tokens = (input_ids == self.config.image_token_id).sum(dim=1)
-            if image_mask is not None:
-                num_images = image_mask.sum(dim=1)
-            elif pixel_values is not None:
-                num_images = torch.full_like(num_image_tokens, pixel_values.shape[1])
-            else:
-                num_images = torch.zeros_like(num_image_tokens)
-            if (num_image_tokens > num_images).any():
-                raise ValueError(
-                    f"input_ids: more {IMAGE_TOKEN} tokens than images per sample: {num_image_tokens.tolist()} tokens "
-                    f"for {num_images.tolist()} images in pixel_values"
-                )
-            if (num_image_tokens < num_images).any():
-                raise ValueError(
-                    f"pixel_values: images without a {IMAGE_TOKEN} token per sample: {num_images.tolist()} images "
-                    f"for {num_image_tokens.tolist()} tokens in input_ids"
-                )
+        batch_size = inputs_embeds.shape[0]
+        if media_key_values is not None and media is None:
+            raise ValueError("media_key_values: given without the `media` it was projected from")
 
         context_latents = None
-        if media_latents is None and media_key_values is None and (pixel_values is not None or context_pixel_values is not None):
-            image_latents, context_latents = self.encode_media(pixel_values, image_mask, context_pixel_values, context_mask)
-            if pixel_values is not None and image_mask is None:
-                image_mask = torch.ones(pixel_values.shape[:2], dtype=torch.bool, device=pixel_values.device)
-            if context_pixel_values is not None and context_mask is None:
-                context_mask = torch.ones(context_pixel_values.shape[:2], dtype=torch.bool, device=context_pixel_values.device)
-            image_valid = image_mask if image_latents_mask is None else image_mask & image_latents_mask
-            media_latents, media_latents_mask = self.fuse_media(image_latents, image_valid, context_latents, context_mask)
+        if media is None:
+            self._check_image_tokens(input_ids, pixel_values, image_mask)
+        if media is None and (pixel_values is not None or context_pixel_values is not None):
+            media, context_latents = self._encode(
+                pixel_values, image_mask, context_pixel_values, context_mask, image_latents_mask
+            )
+        elif media is not None:
+            media = media.for_batch(batch_size)
 
         media_attention_mask = None
-        if media_key_values is None and media_latents is not None:
-            media = media_latents.flatten(1, 2)  # (B, C * K, D)
-            media_key_values = tuple(
-                layer.gated_cross_attention.cross_attention.key_values(media)
-                for layer in self.language_model.layers
-                if layer.gated_cross_attention is not None
-            )
-        if media_key_values is not None:
-            media_attention_mask = self.cross_attention_mask(chunk_ids, media_latents_mask)
+        if media is not None:
+            if media_key_values is None:  # each block projects the memory once: images and pages, not chunk copies
+                media_key_values = tuple(
+                    layer.gated_cross_attention.cross_attention.key_values(media)
+                    for layer in self.language_model.layers
+                    if layer.gated_cross_attention is not None
+                )
+            media_attention_mask = media.readable(chunk_ids, self.config.only_attend_immediate_media)
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -858,12 +1020,33 @@ class VisInContextModel(VisInContextPreTrainedModel):
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            media_latents=media_latents,
-            media_latents_mask=None if media_latents_mask is None else media_latents_mask.long(),
+            media=media,
             media_key_values=media_key_values,
             chunk_ids=chunk_ids,
             context_latents=context_latents,
         )
+
+    def _check_image_tokens(self, input_ids, pixel_values, image_mask) -> None:
+        """The prompt's `<image>` tokens must match its images (data-dependent: not checked on the meta device)."""
+        if input_ids is None or input_ids.device.type == "meta":
+            return
+        num_image_tokens = (input_ids == self.config.image_token_id).sum(dim=1)
+        if image_mask is not None:
+            num_images = image_mask.sum(dim=1)
+        elif pixel_values is not None:
+            num_images = torch.full_like(num_image_tokens, pixel_values.shape[1])
+        else:
+            num_images = torch.zeros_like(num_image_tokens)
+        if (num_image_tokens > num_images).any():
+            raise ValueError(
+                f"input_ids: more {IMAGE_TOKEN} tokens than images per sample: {num_image_tokens.tolist()} tokens "
+                f"for {num_images.tolist()} images in pixel_values"
+            )
+        if (num_image_tokens < num_images).any():
+            raise ValueError(
+                f"pixel_values: images without a {IMAGE_TOKEN} token per sample: {num_images.tolist()} images "
+                f"for {num_image_tokens.tolist()} tokens in input_ids"
+            )
 
 
 class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, GenerationMixin):
@@ -900,7 +1083,8 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         # reading objective: each context latent spells out the characters of its page cells
         self.reading_head = (
             nn.Linear(config.vision_config.hidden_size, config.reading_cells_per_latent * READING_CLASSES)
-            if config.reading_loss_weight > 0 else None
+            if config.reading_loss_weight > 0
+            else None
         )
         self.post_init()
         self._freeze_backbones()
@@ -919,6 +1103,11 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
 
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs):
         return self.model.get_image_features(pixel_values=pixel_values, **kwargs)
+
+    def encode_media(self, **media_inputs) -> MediaMemory:
+        """`VisInContextModel.encode_media`: encode a document (pages, images) once, then `generate(..., media=memory)`
+        for each question about it."""
+        return self.model.encode_media(**media_inputs)
 
     def contrastive_loss(
         self,
@@ -955,9 +1144,13 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
 
     def reading_loss(self, context_latents: torch.Tensor, targets: torch.LongTensor) -> torch.Tensor:
         """context_latents: (B, P, L, D); targets: (B, P, L, K) reading classes, -100 to ignore -> cross-entropy."""
-        if tuple(targets.shape[:3]) != tuple(context_latents.shape[:3]) or targets.shape[3] != self.config.reading_cells_per_latent:
+        if (
+            tuple(targets.shape[:3]) != tuple(context_latents.shape[:3])
+            or targets.shape[3] != self.config.reading_cells_per_latent
+        ):
             raise ValueError(
-                f"context_reading_targets: expected shape {(*context_latents.shape[:3], self.config.reading_cells_per_latent)} "
+                "context_reading_targets: expected shape "
+                f"{(*context_latents.shape[:3], self.config.reading_cells_per_latent)} "
                 f"(batch, pages, latents, reading_cells_per_latent), got {tuple(targets.shape)}"
             )
         logits = self.reading_head(context_latents).unflatten(-1, (targets.shape[-1], READING_CLASSES))
@@ -981,8 +1174,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         context_input_ids: torch.LongTensor | None = None,
         context_attention_mask: torch.Tensor | None = None,
         context_reading_targets: torch.LongTensor | None = None,
-        media_latents: torch.FloatTensor | None = None,
-        media_latents_mask: torch.BoolTensor | None = None,
+        media: MediaMemory | None = None,
         media_key_values: tuple | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
         context_cut_characters: torch.LongTensor | None = None,
@@ -1003,14 +1195,20 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         """
         tokens = input_ids if input_ids is not None else inputs_embeds
         if labels is not None and tokens is not None and tuple(labels.shape) != tuple(tokens.shape[:2]):
-            raise ValueError(f"labels: expected shape {tuple(tokens.shape[:2])} like input_ids, got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels: expected shape {tuple(tokens.shape[:2])} like input_ids, got {tuple(labels.shape)}"
+            )
         if context_input_ids is not None:
             if context_input_ids.ndim != 2 or (tokens is not None and context_input_ids.shape[0] != tokens.shape[0]):
-                raise ValueError(f"context_input_ids: expected (batch, sequence) with the batch of input_ids, "
-                                 f"got {tuple(context_input_ids.shape)}")
+                raise ValueError(
+                    f"context_input_ids: expected (batch, sequence) with the batch of input_ids, "
+                    f"got {tuple(context_input_ids.shape)}"
+                )
             if context_attention_mask is not None and context_attention_mask.shape != context_input_ids.shape:
-                raise ValueError(f"context_attention_mask: expected shape {tuple(context_input_ids.shape)} like "
-                                 f"context_input_ids, got {tuple(context_attention_mask.shape)}")
+                raise ValueError(
+                    f"context_attention_mask: expected shape {tuple(context_input_ids.shape)} like "
+                    f"context_input_ids, got {tuple(context_attention_mask.shape)}"
+                )
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -1022,8 +1220,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             context_pixel_values=context_pixel_values,
             context_mask=context_mask,
             image_latents_mask=image_latents_mask,
-            media_latents=media_latents,
-            media_latents_mask=media_latents_mask,
+            media=media,
             media_key_values=media_key_values,
             past_chunk_ids=past_chunk_ids,
             use_cache=use_cache,
@@ -1036,16 +1233,26 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
 
         lm_loss = contrastive_loss = reading_loss = loss = None
         if labels is not None:
-            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.output_vocab_size, **kwargs)
+            lm_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.output_vocab_size, **kwargs
+            )
             loss = lm_loss
         if context_input_ids is not None and outputs.context_latents is not None:
             if context_mask is None:
-                context_mask = torch.ones(outputs.context_latents.shape[:2], dtype=torch.bool, device=hidden_states.device)
-            contrastive_loss = self.contrastive_loss(outputs.context_latents, context_mask, context_input_ids, context_attention_mask)
+                context_mask = torch.ones(
+                    outputs.context_latents.shape[:2], dtype=torch.bool, device=hidden_states.device
+                )
+            contrastive_loss = self.contrastive_loss(
+                outputs.context_latents, context_mask, context_input_ids, context_attention_mask
+            )
             if self.config.contrastive_loss_weight:
                 weighted = self.config.contrastive_loss_weight * contrastive_loss
                 loss = weighted if loss is None else loss + weighted
-        if context_reading_targets is not None and self.reading_head is not None and outputs.context_latents is not None:
+        if (
+            context_reading_targets is not None
+            and self.reading_head is not None
+            and outputs.context_latents is not None
+        ):
             reading_loss = self.reading_loss(outputs.context_latents, context_reading_targets)
             weighted = self.config.reading_loss_weight * reading_loss
             loss = weighted if loss is None else loss + weighted
@@ -1059,8 +1266,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            media_latents=outputs.media_latents,
-            media_latents_mask=outputs.media_latents_mask,
+            media=outputs.media,
             media_key_values=outputs.media_key_values,
             chunk_ids=outputs.chunk_ids,
         )
@@ -1071,7 +1277,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         self,
         input_ids: torch.LongTensor,
         media_key_values: tuple | None = None,
-        media_latents_mask: torch.Tensor | None = None,
+        media: MediaMemory | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
         context_cut_characters: torch.LongTensor | None = None,
         context_pixel_values: torch.Tensor | None = None,
@@ -1081,11 +1287,13 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         **kwargs,
     ) -> dict[str, Any]:
         """The library's preparation (slicing to the new tokens, cache, masks), plus the media: raw images and pages
-        at prefill, the memory projected at prefill (`media_key_values`) at every later step. The KV cache arrives as
+        at prefill (or a `media` memory encoded beforehand), the memory projected at prefill (`media_key_values`) at
+        every later step. The KV cache arrives as
         `cache` or `past_key_values`, whichever the installed transformers passes."""
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
-        if media_key_values is None:  # prefill: encode the media
+        if media_key_values is None:  # prefill: encode the media (or use the `media` given)
             model_inputs.update(
+                media=media,
                 context_pixel_values=context_pixel_values,
                 context_mask=context_mask,
                 image_mask=image_mask,
@@ -1098,7 +1306,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         cached = cache is not None and cache.get_seq_length() > 0
         model_inputs.update(
             media_key_values=media_key_values,
-            media_latents_mask=media_latents_mask,
+            media=media,
             past_chunk_ids=past_chunk_ids if cached else None,
         )
         return model_inputs
@@ -1107,14 +1315,18 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
     # GenerationMixin, overridden the same way by transformers' own IDEFICS and Mllama (no public alternative);
     # tests/test_compatibility.py pins its signature and test_modeling.py that media are encoded once per `generate`.
     def _update_model_kwargs_for_generation(
-        self, outputs: ModelOutput, model_kwargs: dict[str, Any], is_encoder_decoder: bool = False, num_new_tokens: int = 1
+        self,
+        outputs: ModelOutput,
+        model_kwargs: dict[str, Any],
+        is_encoder_decoder: bool = False,
+        num_new_tokens: int = 1,
     ) -> dict[str, Any]:
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
         if outputs.media_key_values is not None:  # the projected memory: later steps skip encoding and projecting
             model_kwargs["media_key_values"] = outputs.media_key_values
-            model_kwargs["media_latents_mask"] = outputs.media_latents_mask
+            model_kwargs["media"] = outputs.media
         model_kwargs["past_chunk_ids"] = outputs.chunk_ids[:, -1]
         return model_kwargs
 
@@ -1159,12 +1371,21 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         )
         # built around the loaded modules (as transformers' EncoderDecoderModel is): no weights are copied or renamed
         model = cls(config, vision_tower=vision_tower, language_model=causal_lm).to(causal_lm.dtype)
-        # generation follows the LM's own generation_config.json (its eos, sampling defaults), padded with the tokenizer's
+        # generation follows the LM's generation_config.json (its eos, sampling defaults), padded by the tokenizer's
         model.generation_config = copy.deepcopy(causal_lm.generation_config)
         if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
+        stop_at_end_of_chunk(model.generation_config, config.end_of_chunk_token_id)
         model._freeze_backbones()
         return model
+
+
+def stop_at_end_of_chunk(generation_config, end_of_chunk_token_id: int) -> None:
+    """Adds `<|endofchunk|>` to the end-of-sequence ids: an answer (a chat turn, a few-shot answer) ends its chunk."""
+    eos = generation_config.eos_token_id
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if end_of_chunk_token_id not in eos:
+        generation_config.eos_token_id = eos + [end_of_chunk_token_id]
 
 
 def load_vision_tower(name_or_path: str, **kwargs) -> PreTrainedModel:
@@ -1182,4 +1403,6 @@ __all__ = [
     "VisInContextForConditionalGeneration",
     "VisInContextModelOutputWithPast",
     "VisInContextCausalLMOutputWithPast",
+    "MediaMemory",
+    "build_media_memory",
 ]

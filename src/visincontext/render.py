@@ -49,8 +49,14 @@ def render_pages(args: argparse.Namespace) -> tuple[list[Path], str]:
         text = sys.stdin.read()
     output = Path(args.output)
     check_writable("--output", output)
-    renderer = TextRenderer(font_path=args.font, page_height=args.page_size, page_width=args.page_size,
-                            line_height=args.line_height, max_pages=args.max_pages, overflow=args.overflow)
+    renderer = TextRenderer(
+        font_path=args.font,
+        page_height=args.page_size,
+        page_width=args.page_size,
+        line_height=args.line_height,
+        max_pages=args.max_pages,
+        overflow=args.overflow,
+    )
     result = renderer.render(text)
     images = result.to_images()
     if args.sheet and images:
@@ -59,7 +65,9 @@ def render_pages(args: argparse.Namespace) -> tuple[list[Path], str]:
             sheet.paste(image, (k * (image.width + 4), 0))
         images, paths = [sheet], [output]
     else:
-        paths = [output if k == 0 else output.with_name(f"{output.stem}-{k + 1}{output.suffix}") for k in range(len(images))]
+        paths = [
+            output if k == 0 else output.with_name(f"{output.stem}-{k + 1}{output.suffix}") for k in range(len(images))
+        ]
     for image, path in zip(images, paths):
         atomic_write(path, lambda file, image=image: image.save(file, format="PNG"))
     note = f", {result.replaced} characters drawn as boxes" if result.replaced else ""

@@ -143,9 +143,10 @@ class TextRenderer:
       in one cell; a space that carries a mark is visible and laid out as part of a word. A mark at the start of
       the text or of a line has no base: it takes a cell of its own.
     - With `max_pages`, only what is kept is laid out: `truncate` lays out a window from the start holding a row
-      more than `max_pages` pages; `keep_end` keeps the last `max_pages * rows_per_page` rows, laid out from the last paragraph start
-      (or, within one long paragraph, word start) before a window of about `max_pages * rows_per_page * (columns
-      + 1)` characters at the end, doubled until it holds that many rows. Time grows with the kept pages, not with
+      more than `max_pages` pages; `keep_end` keeps the last `max_pages * rows_per_page` rows, laid out from the
+      last paragraph start (or, within one long paragraph, word start) before a window of about
+      `max_pages * rows_per_page * (columns + 1)` characters at the end, doubled until it holds that many rows.
+      Time grows with the kept pages, not with
       the text (only normalisation reads all of it).
 
     A renderer may be shared by threads: glyphs are added to its atlas under a lock.
@@ -194,7 +195,9 @@ class TextRenderer:
 
         paths = [("font_path", self.font_path)] + [("fallback_font_paths", p) for p in self.fallback_font_paths]
         load_fonts(paths, 12)  # check every file before measuring the main one
-        self.font_size = font_size if font_size is not None else fitting_font_size(self.font_path, line_height, cell_width)
+        self.font_size = (
+            font_size if font_size is not None else fitting_font_size(self.font_path, line_height, cell_width)
+        )
         self._fonts = load_fonts(paths, self.font_size)
 
         # Glyph atlas: id 0 is the blank cell, id 1 the replacement box. `_codepoint_glyph` maps a codepoint
@@ -225,9 +228,16 @@ class TextRenderer:
     def settings(self) -> dict:
         """The constructor arguments that reproduce this renderer."""
         return dict(
-            font_path=self.font_path, fallback_font_paths=list(self.fallback_font_paths), font_size=self.font_size,
-            page_height=self.page_height, page_width=self.page_width, line_height=self.line_height,
-            cell_width=self.cell_width, margin=self.margin, max_pages=self.max_pages, overflow=self.overflow,
+            font_path=self.font_path,
+            fallback_font_paths=list(self.fallback_font_paths),
+            font_size=self.font_size,
+            page_height=self.page_height,
+            page_width=self.page_width,
+            line_height=self.line_height,
+            cell_width=self.cell_width,
+            margin=self.margin,
+            max_pages=self.max_pages,
+            overflow=self.overflow,
             tab_size=self.tab_size,
         )
 
@@ -450,8 +460,14 @@ class TextRenderer:
         kept = spans[-1][1] - spans[0][0] if spans else 0
         dropped = None if not truncated else ("end" if overflow == "truncate" else "start")
         return RenderedText(
-            pages=pages, spans=spans, text=text, cells=cells, truncated=truncated, dropped=dropped,
-            cut_characters=len(text) - kept if truncated else 0, replaced=replaced,
+            pages=pages,
+            spans=spans,
+            text=text,
+            cells=cells,
+            truncated=truncated,
+            dropped=dropped,
+            cut_characters=len(text) - kept if truncated else 0,
+            replaced=replaced,
         )
 
     def page_lines(self, text: str) -> list[list[str]]:
@@ -459,10 +475,14 @@ class TextRenderer:
         check_text("text", text)
         text = normalize_text(text, self.tab_size)
         rows = self._layout(text, self._glyph_ids(text)[1])
-        return [[text[start:visible_end] for start, _, visible_end in rows[i : i + self.rows_per_page]]
-                for i in range(0, len(rows), self.rows_per_page)]
+        return [
+            [text[start:visible_end] for start, _, visible_end in rows[i : i + self.rows_per_page]]
+            for i in range(0, len(rows), self.rows_per_page)
+        ]
 
-    def render_batch(self, texts: list[str], max_pages: int | None = None, overflow: str | None = None) -> list[RenderedText]:
+    def render_batch(
+        self, texts: list[str], max_pages: int | None = None, overflow: str | None = None
+    ) -> list[RenderedText]:
         """`render` for each text of a list."""
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
             raise TypeError(f"texts: expected a list of strings, got {type(texts).__name__}")

@@ -12,41 +12,40 @@ from transformers import (
 
 from .configuration_visincontext import VisInContextConfig
 from .modeling_visincontext import VisInContextForConditionalGeneration
+from .offline import BOS_ID, BYTE_VOCAB, EOS_ID, PAD_ID, byte_level_tokenizer, default_processor
 
-VOCAB = 259  # 256 byte tokens + <s>, </s>, <pad> (see tiny_tokenizer)
-BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
+VOCAB = BYTE_VOCAB  # 256 byte tokens + <s>, </s>, <pad> (see tiny_tokenizer)
 IMAGE_ID, EOC_ID = VOCAB, VOCAB + 1
 IMAGE_SIZE = 32
 
 
 def tiny_tokenizer():
-    """A lossless byte-level tokenizer (every string round-trips) with 259 ids, no downloads."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {token: i for i, token in enumerate(sorted(alphabet))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    assert len(tokenizer) == VOCAB, len(tokenizer)
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (BOS_ID, EOS_ID, PAD_ID)
-    return tokenizer
+    """The lossless byte-level tokenizer (259 ids) of `visincontext.offline`."""
+    return byte_level_tokenizer()
 
 
 def vision_config(kind: str = "clip", image_size: int = IMAGE_SIZE, hidden_size: int = 32):
     common = dict(
-        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
-        image_size=image_size, patch_size=8,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=8,
     )
     return CLIPVisionConfig(**common) if kind == "clip" else SiglipVisionConfig(**common)
 
 
 def text_config(kind: str = "llama", hidden_size: int = 32):
     common = dict(
-        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
     )
     return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind](**common)
 
@@ -89,12 +88,7 @@ def open_gates(model, value: float = 1.0):
 
 def tiny_processor(image_size: int = IMAGE_SIZE, line_height: int = 8, **kwargs):
     """A processor with a CLIP image processor at `image_size` and the byte-level tokenizer."""
-    from transformers import CLIPImageProcessorPil as CLIPImageProcessor  # the PIL backend: no torchvision needed
-
-    from .processing_visincontext import VisInContextProcessor
-
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
-    return VisInContextProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(), line_height=line_height, **kwargs)
+    return default_processor(image_size=image_size, line_height=line_height, **kwargs)
 
 
 def sample_batch(seed: int = 0, num_images: int = 2, num_pages: int = 3):
@@ -111,3 +105,22 @@ def sample_batch(seed: int = 0, num_images: int = 2, num_pages: int = 3):
         context_pixel_values=torch.randn(2, num_pages, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),
         context_mask=torch.tensor([[True, True, False], [False, False, False]]),
     )
+
+
+__all__ = [
+    "VOCAB",
+    "BOS_ID",
+    "EOS_ID",
+    "PAD_ID",
+    "IMAGE_ID",
+    "EOC_ID",
+    "IMAGE_SIZE",
+    "tiny_tokenizer",
+    "vision_config",
+    "text_config",
+    "tiny_config",
+    "tiny_model",
+    "open_gates",
+    "tiny_processor",
+    "sample_batch",
+]

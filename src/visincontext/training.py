@@ -11,6 +11,7 @@ from transformers.utils import logging
 
 from .data import ROW_KINDS, VisInContextCollator, format_dataset, prerender
 from .modeling_visincontext import NEW_MODULES, VisInContextForConditionalGeneration
+from .offline import default_model_and_processor
 from .processing_visincontext import VisInContextProcessor
 
 logger = logging.get_logger(__name__)
@@ -18,38 +19,68 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = field(default=None, metadata={"help": "A VisInContext folder or Hub id to continue from."})
-    vision_model: str | None = field(default=None, metadata={"help": "Vision tower (Hub id or folder) for a new model."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A VisInContext folder or Hub id to continue from."}
+    )
+    vision_model: str | None = field(
+        default=None, metadata={"help": "Vision tower (Hub id or folder) for a new model."}
+    )
     language_model: str | None = field(default=None, metadata={"help": "Causal LM (Hub id or folder) for a new model."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2 (needs flash-attn)."})
-    cross_attention_every: int = field(default=4, metadata={"help": "A cross-attention block before every N-th LM layer."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2 (needs flash-attn)."}
+    )
+    cross_attention_every: int = field(
+        default=4, metadata={"help": "A cross-attention block before every N-th LM layer."}
+    )
     num_latents: int = field(default=64, metadata={"help": "Resampler latents per image or page."})
     freeze_language_model: bool = field(default=True, metadata={"help": "Keep the LM body frozen (the paper's setup)."})
-    reading_loss_weight: float | None = field(default=None, metadata={
-        "help": "Weight of the reading objective (each context latent spells out its page cells); 0 turns it off. "
-                "Default: the model's own setting (off for a new model)."})
+    reading_loss_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the reading objective (each context latent spells out its page cells); 0 turns it off. "
+            "Default: the model's own setting (off for a new model)."
+        },
+    )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LM (0: no LoRA)."})
     lora_alpha: int = field(default=16)
-    lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated LM module names for LoRA."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the backbones in 4 bit (bitsandbytes); needs --lora_r."})
+    lora_target_modules: str = field(
+        default="q_proj,v_proj", metadata={"help": "Comma-separated LM module names for LoRA."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load the backbones in 4 bit (bitsandbytes); needs --lora_r."}
+    )
 
 
 @dataclass
 class DataArguments:
-    dataset: str | None = field(default=None, metadata={"help": "Hub id, data file (.jsonl/.json/.parquet/.csv) or folder."})
+    dataset: str | None = field(
+        default=None, metadata={"help": "Hub id, data file (.jsonl/.json/.parquet/.csv) or folder."}
+    )
     data_format: str = field(default="interleaved", metadata={"help": f"Row schema: one of {ROW_KINDS}."})
     dataset_config: str | None = field(default=None)
     split: str = field(default="train")
-    streaming: bool = field(default=False, metadata={"help": "Stream the data set (IterableDataset), split across processes."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the data set (IterableDataset), split across processes."}
+    )
     image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths are read from."})
     context_fraction: float = field(default=0.5, metadata={"help": "Share of a document's text rendered as context."})
     max_images: int = field(default=4)
     max_pages: int = field(default=8, metadata={"help": "Most rendered context pages per sample."})
     max_length: int | None = field(default=None, metadata={"help": "Truncate token sequences to this length."})
-    token_mask_prob: float = field(default=0.5, metadata={"help": "Probability of dropping image latents (token masking)."})
+    token_mask_prob: float = field(
+        default=0.5, metadata={"help": "Probability of dropping image latents (token masking)."}
+    )
     contrastive: bool = field(default=True, metadata={"help": "Add the text-centric contrastive loss (needs context)."})
+    in_context: str = field(
+        default="text",
+        metadata={
+            "help": "mimicit rows: the in-context triplets as earlier turns (text) or rendered into pages (rendered)."
+        },
+    )
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count malformed rows instead of stopping."})
-    prerender: bool = field(default=False, metadata={"help": "Render all contexts ahead of time with datasets.map (not streaming)."})
+    prerender: bool = field(
+        default=False, metadata={"help": "Render all contexts ahead of time with datasets.map (not streaming)."}
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for --prerender."})
 
 
@@ -95,8 +126,9 @@ class VisInContextTrainer(Trainer):
     def _averaged_parts(self, mode: str) -> dict[str, float]:
         """The parts' means over all processes (a collective: every process calls it at the same point), reset."""
         sums = self._part_sums[mode]
-        totals = torch.tensor([value for name in self.loss_parts for value in sums[name]], dtype=torch.float64,
-                              device=self.args.device)
+        totals = torch.tensor(
+            [value for name in self.loss_parts for value in sums[name]], dtype=torch.float64, device=self.args.device
+        )
         totals = self.accelerator.reduce(totals, reduction="sum") if self.accelerator.num_processes > 1 else totals
         for name in self.loss_parts:
             sums[name] = [0.0, 0]
@@ -124,24 +156,10 @@ class VisInContextTrainer(Trainer):
         model = model.base_model.model if hasattr(model, "peft_config") else model
         repo_id = self.args.hub_model_id or Path(self.args.output_dir).name
         processor = self.processing_class if hasattr(self.processing_class, "renderer") else None
-        card = build_model_card(model, processor, repo_id=repo_id, training_args=self.args, datasets=kwargs.get("dataset_tags"))
+        card = build_model_card(
+            model, processor, repo_id=repo_id, training_args=self.args, datasets=kwargs.get("dataset_tags")
+        )
         card.save(os.path.join(self.args.output_dir, "README.md"))
-
-
-def tiny_model_and_processor(args: ModelArguments):
-    """The offline default: a small random model (64-px pages, 8-px rows) and the byte-level tokenizer. Its LM
-    is random, so it is trained too (nothing pretrained to keep frozen)."""
-    from .testing import text_config, tiny_config, tiny_processor, vision_config
-
-    torch.manual_seed(0)
-    vision = vision_config(image_size=64, hidden_size=64)
-    text = text_config(hidden_size=64)
-    reading = {} if args.reading_loss_weight is None else {"reading_loss_weight": args.reading_loss_weight}
-    config = tiny_config(vision_config=vision, text_config=text, num_latents=min(args.num_latents, 16),
-                         freeze_language_model=False, **reading)
-    model = VisInContextForConditionalGeneration(config)
-    model.set_attn_implementation(args.attn_implementation)
-    return model, tiny_processor(image_size=64, line_height=8)
 
 
 def quantization_config():
@@ -156,9 +174,20 @@ def build_model_and_processor(args: ModelArguments, data_args: DataArguments):
     if args.load_in_4bit and not args.lora_r:
         raise ValueError("load_in_4bit: QLoRA trains LoRA adapters; also pass --lora_r")
     if args.model_name_or_path:
-        extra = {"quantization_config": quantization_config(), "device_map": {"": "cpu" if not torch.cuda.is_available() else 0}} if args.load_in_4bit else {}
+        extra = (
+            {
+                "quantization_config": quantization_config(),
+                "device_map": {"": "cpu" if not torch.cuda.is_available() else 0},
+            }
+            if args.load_in_4bit
+            else {}
+        )
         # a local folder by its absolute path: adapters saved later record it as their base model
-        source = os.path.abspath(args.model_name_or_path) if os.path.isdir(args.model_name_or_path) else args.model_name_or_path
+        source = (
+            os.path.abspath(args.model_name_or_path)
+            if os.path.isdir(args.model_name_or_path)
+            else args.model_name_or_path
+        )
         if args.reading_loss_weight is not None:
             extra["reading_loss_weight"] = args.reading_loss_weight
         model = VisInContextForConditionalGeneration.from_pretrained(
@@ -167,8 +196,10 @@ def build_model_and_processor(args: ModelArguments, data_args: DataArguments):
         processor = VisInContextProcessor.from_pretrained(source)
     elif args.vision_model and args.language_model:
         model = VisInContextForConditionalGeneration.from_backbones(
-            vision_model=args.vision_model, language_model=args.language_model,
-            cross_attention_every=args.cross_attention_every, num_latents=args.num_latents,
+            vision_model=args.vision_model,
+            language_model=args.language_model,
+            cross_attention_every=args.cross_attention_every,
+            num_latents=args.num_latents,
             **({} if args.reading_loss_weight is None else {"reading_loss_weight": args.reading_loss_weight}),
             freeze_language_model=args.freeze_language_model,
         )
@@ -177,9 +208,14 @@ def build_model_and_processor(args: ModelArguments, data_args: DataArguments):
     elif args.vision_model or args.language_model:
         raise ValueError("vision_model / language_model: pass both to build a new model, or --model_name_or_path")
     else:
-        logger.warning("no --model_name_or_path or --vision_model/--language_model: training the offline default, a "
-                       "small random model (visincontext.training.tiny_model_and_processor)")
-        model, processor = tiny_model_and_processor(args)
+        logger.warning(
+            "no --model_name_or_path or --vision_model/--language_model: training the offline default, a "
+            "small random model (visincontext.offline.default_model_and_processor)"
+        )
+        reading = {} if args.reading_loss_weight is None else {"reading_loss_weight": args.reading_loss_weight}
+        model, processor = default_model_and_processor(
+            num_latents=min(args.num_latents, 16), attn_implementation=args.attn_implementation, **reading
+        )
     processor.max_pages = data_args.max_pages
     if args.lora_r:
         model = add_lora(model, args)
@@ -195,7 +231,9 @@ def add_lora(model, args: ModelArguments):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = "|".join(name.strip() for name in args.lora_target_modules.split(",") if name.strip())
     config = LoraConfig(
-        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=0.0,
         target_modules=rf".*language_model\.layers\.\d+\.decoder_layer\..*\.({targets})",
         modules_to_save=list(NEW_MODULES),
     )
@@ -222,19 +260,41 @@ def load_training_data(data_args: DataArguments, processor, seed: int, model_con
         raise ValueError(f"dataset: no file or folder at {source!r}")
     else:  # a Hub id
         dataset = load_dataset(source, data_args.dataset_config, split=data_args.split, streaming=data_args.streaming)
+    # conversations are laid out by the processor's chat template
+    chat = (
+        {"processor": processor, "in_context": data_args.in_context}
+        if data_args.data_format in ("chat", "mimicit")
+        else {}
+    )
     if data_args.streaming and data_args.prerender:
         raise ValueError("prerender: renders a whole data set ahead of time; not with --streaming (render on the fly)")
     if data_args.prerender:
-        dataset = prerender(dataset, data_args.data_format, processor, num_proc=data_args.preprocessing_num_workers,
-                            skip_bad_rows=data_args.skip_bad_rows, context_fraction=data_args.context_fraction,
-                            max_images=data_args.max_images, image_root=image_root)
+        dataset = prerender(
+            dataset,
+            data_args.data_format,
+            processor,
+            num_proc=data_args.preprocessing_num_workers,
+            skip_bad_rows=data_args.skip_bad_rows,
+            context_fraction=data_args.context_fraction,
+            max_images=data_args.max_images,
+            image_root=image_root,
+            **{k: v for k, v in chat.items() if k != "processor"},  # prerender hands the processor on itself
+        )
     formatted, bad_rows = format_dataset(
-        dataset, data_args.data_format, skip_bad_rows=data_args.skip_bad_rows, context_fraction=data_args.context_fraction,
-        max_images=data_args.max_images, image_root=image_root,
+        dataset,
+        data_args.data_format,
+        skip_bad_rows=data_args.skip_bad_rows,
+        context_fraction=data_args.context_fraction,
+        max_images=data_args.max_images,
+        image_root=image_root,
+        **chat,
     )
     reading = model_config is not None and model_config.reading_loss_weight > 0
     collator = VisInContextCollator(
-        processor, token_mask_prob=data_args.token_mask_prob, seed=seed, return_context_ids=data_args.contrastive,
+        processor,
+        token_mask_prob=data_args.token_mask_prob,
+        seed=seed,
+        return_context_ids=data_args.contrastive,
         max_length=data_args.max_length,
         reading_layout=(model_config.num_latents, model_config.reading_cells_per_latent) if reading else None,
     )
@@ -267,7 +327,9 @@ def save_trained(trainer: Trainer, processor, output_dir: str) -> None:
         return
     processor.save_pretrained(adapter_dir)
     if getattr(model.base_model.model, "is_loaded_in_4bit", False):
-        logger.warning("4-bit base: saved the adapter only; load it with peft.PeftModel.from_pretrained(base, adapter_dir)")
+        logger.warning(
+            "4-bit base: saved the adapter only; load it with peft.PeftModel.from_pretrained(base, adapter_dir)"
+        )
         return
     model.merge_and_unload().save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
@@ -286,15 +348,19 @@ def main(defaults: dict | None = None, args: list[str] | None = None) -> dict:
         training_args.accelerator_config.dispatch_batches = False
     model, processor = build_model_and_processor(model_args, data_args)
     config = (model.base_model.model if hasattr(model, "peft_config") else model).config
-    train_dataset, collator, bad_rows = load_training_data(data_args, processor, training_args.seed, model_config=config)
+    train_dataset, collator, bad_rows = load_training_data(
+        data_args, processor, training_args.seed, model_config=config
+    )
     trainer = VisInContextTrainer(
         model=model, args=training_args, train_dataset=train_dataset, data_collator=collator, processing_class=processor
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.is_deepspeed_enabled and trainer.is_world_process_zero():
         engine = trainer.model_wrapped
-        print(f"DeepSpeed: {type(engine).__name__}, ZeRO stage {engine.zero_optimization_stage()}, "
-              f"{training_args.world_size} processes")
+        print(
+            f"DeepSpeed: {type(engine).__name__}, ZeRO stage {engine.zero_optimization_stage()}, "
+            f"{training_args.world_size} processes"
+        )
     if len(bad_rows):
         logger.warning(f"skipped {len(bad_rows)} bad rows: {sorted(bad_rows.skipped)}")
     save_trained(trainer, processor, training_args.output_dir)
