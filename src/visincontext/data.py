@@ -20,7 +20,8 @@ from PIL import Image
 
 from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
 
-ROW_KINDS = ("interleaved", "mmc4", "pair", "text", "vqa")
+ROW_KINDS = ("interleaved", "mmc4", "pair", "text", "vqa", "chat", "mimicit")
+IN_CONTEXT_MODES = ("text", "rendered")
 
 
 def load_image(value: Any, image_root: str | None = None) -> Image.Image:
@@ -81,6 +82,8 @@ def format_row(
     context_fraction: float = 0.5,
     max_images: int = 4,
     image_root: str | None = None,
+    processor=None,
+    in_context: str = "text",
 ) -> dict:
     """One dataset row -> one sample (see the module docstring). Raises `ValueError` on a malformed row.
 
@@ -88,9 +91,21 @@ def format_row(
     `image_info` with `matched_text_index` and `image`/`image_name`), `"pair"` (`image` + `caption`/`text`),
     `"text"` (`text`: the first `context_fraction` is rendered, the rest is trained on) and `"vqa"`
     (`image`/`images`, `question`, `answer`, optional `context`: trained on the answer only).
+
+    Conversations, laid out by `processor`'s chat template and trained on the assistant turns only (each with the
+    `<|endofchunk|>` that ends it; `train_spans` in the sample): `"chat"` (TRL's format: `messages` with
+    `{"type": "image"}` placeholders filled from an `images` column in order, `{"type": "context"}` items rendered)
+    and `"mimicit"` (MIMIC-IT / Otter: the query triplet `instruction`, `answer`, optional `image`, and `in_context`,
+    a list of such triplets, given as earlier turns with `in_context="text"` or rendered into the context pages,
+    without their images, with `in_context="rendered"`).
     """
     if kind not in ROW_KINDS:
         raise ValueError(f"kind: expected one of {ROW_KINDS}, got {kind!r}")
+    if kind in ("chat", "mimicit"):
+        if processor is None:
+            raise ValueError(f"processor: a {kind!r} row is laid out by the processor's chat template; pass processor=")
+        messages = _chat_messages(row) if kind == "chat" else _mimicit_messages(row, in_context)
+        return conversation_sample(messages, processor, image_root)
 
     def need(*keys):
         missing = [k for k in keys if k not in row or row[k] is None]
@@ -124,14 +139,21 @@ def format_row(
         caption = row.get("caption", row.get("text"))
         if not isinstance(caption, str):
             raise ValueError("missing key 'caption' (or 'text') for a 'pair' row")
-        return {"images": [load_image(row["image"], image_root)], "prompt": "", "text": f"{IMAGE_TOKEN}{caption}{END_OF_CHUNK_TOKEN}", "context": None}
+        return {
+            "images": [load_image(row["image"], image_root)],
+            "prompt": "",
+            "text": f"{IMAGE_TOKEN}{caption}{END_OF_CHUNK_TOKEN}",
+            "context": None,
+        }
     if kind == "text":
         need("text")
         text = row["text"]
         cut = text.rfind(" ", 0, int(len(text) * context_fraction)) + 1 or int(len(text) * context_fraction)
         return {"images": [], "prompt": "", "text": text[cut:], "context": text[:cut] or None}
     need("question", "answer")
-    images = row.get("images") if row.get("images") is not None else ([row["image"]] if row.get("image") is not None else [])
+    images = (
+        row.get("images") if row.get("images") is not None else ([row["image"]] if row.get("image") is not None else [])
+    )
     prompt = "".join(IMAGE_TOKEN for _ in images) + f"Question: {row['question']} Answer:"
     return {
         "images": [load_image(image, image_root) for image in images],
@@ -139,6 +161,102 @@ def format_row(
         "text": f" {row['answer']}{END_OF_CHUNK_TOKEN}",
         "context": row.get("context"),
     }
+
+
+def _chat_messages(row: dict) -> list[dict]:
+    """TRL's conversational format: `messages`, with image placeholders filled from `images` in order."""
+    messages, images = row.get("messages"), list(row.get("images") or [])
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"missing key 'messages' (a list of messages) for a 'chat' row (has {sorted(row)})")
+    filled = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            items = []
+            for item in content:
+                if (
+                    isinstance(item, dict)
+                    and item.get("type") == "image"
+                    and item.get("image") is None
+                    and not item.get("path")
+                ):
+                    if not images:
+                        raise ValueError(f"messages[{i}]: more image items than images in the row")
+                    item = {**item, "image": images.pop(0)}
+                items.append(item)
+            message = {**message, "content": items}
+        filled.append(message)
+    if images:
+        raise ValueError(f"images: {len(images)} images of the row have no image item in its messages")
+    return filled
+
+
+def _mimicit_messages(row: dict, in_context: str) -> list[dict]:
+    """MIMIC-IT / Otter: the query triplet after its in-context triplets (as turns, or as a rendered context)."""
+    if in_context not in IN_CONTEXT_MODES:
+        raise ValueError(f"in_context: expected one of {IN_CONTEXT_MODES}, got {in_context!r}")
+    missing = [k for k in ("instruction", "answer") if not isinstance(row.get(k), str)]
+    if missing:
+        raise ValueError(f"missing key(s) {missing} for a 'mimicit' row (has {sorted(row)})")
+
+    def turns(triplet: dict) -> list[dict]:
+        image = [{"type": "image", "image": triplet["image"]}] if triplet.get("image") is not None else []
+        return [
+            {"role": "user", "content": image + [{"type": "text", "text": triplet["instruction"]}]},
+            {"role": "assistant", "content": [{"type": "text", "text": triplet["answer"]}]},
+        ]
+
+    examples = list(row.get("in_context") or [])
+    for j, example in enumerate(examples):
+        if not isinstance(example, dict) or not all(isinstance(example.get(k), str) for k in ("instruction", "answer")):
+            raise ValueError(f"in_context[{j}]: expected an instruction and an answer")
+    query = turns(row)
+    if in_context == "rendered":
+        lines = "\n".join(f"User: {e['instruction']}\nAssistant: {e['answer']}" for e in examples)
+        if lines:
+            query[0]["content"] = [{"type": "context", "text": lines}] + query[0]["content"]
+        return query
+    return [turn for example in examples for turn in turns(example)] + query
+
+
+def conversation_sample(messages: list[dict], processor, image_root: str | None = None) -> dict:
+    """A conversation -> a sample: its text laid out by the processor's chat template, its images in order, its
+    context items joined, and `train_spans`: where each assistant turn (with its `<|endofchunk|>`) stands, the
+    only characters trained on. A turn's place is found by laying out the messages before it with a generation
+    prompt: a template that does not lay out a conversation's start the same way on its own is an error."""
+    context = processor._conversation_context(messages, tokenize=True)
+    images = [
+        load_image(item["image"] if item.get("image") is not None else item.get("path"), image_root)
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for item in message["content"]
+        if item.get("type") == "image"
+    ]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(processor.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True))
+        content = message["content"]
+        answer = (
+            content
+            if isinstance(content, str)
+            else "".join(
+                IMAGE_TOKEN if item["type"] == "image" else item.get("text", "") if item["type"] == "text" else ""
+                for item in content
+            )
+        )
+        answer += END_OF_CHUNK_TOKEN
+        if text[start : start + len(answer)] != answer:
+            raise ValueError(
+                f"messages[{k}]: the chat template does not place this assistant turn after the turns "
+                "before it with their generation prompt; cannot tell which characters to train on"
+            )
+        spans.append((start, start + len(answer)))
+    if not spans:
+        raise ValueError("messages: no assistant turn to train on")
+    return {"images": images, "prompt": "", "text": text, "context": context, "train_spans": spans}
 
 
 def format_dataset(dataset, kind: str, skip_bad_rows: bool = False, **format_kwargs):
@@ -170,14 +288,17 @@ def format_dataset(dataset, kind: str, skip_bad_rows: bool = False, **format_kwa
         return sample
 
     if isinstance(dataset, IterableDataset):
-        wrapped = dataset.map(lambda row, index: {"sample": convert(row, index)}, with_indices=True,
-                              remove_columns=dataset.column_names)
+        wrapped = dataset.map(
+            lambda row, index: {"sample": convert(row, index)}, with_indices=True, remove_columns=dataset.column_names
+        )
         samples = wrapped.filter(lambda row: row["sample"] is not None)
         return samples.map(lambda row: row["sample"], remove_columns=["sample"]), counter
     if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
         return _FormattedDataset(dataset, convert), counter
-    raise TypeError(f"dataset: expected a datasets.Dataset, an indexable sized dataset or a datasets.IterableDataset, "
-                    f"got {type(dataset).__name__}")
+    raise TypeError(
+        f"dataset: expected a datasets.Dataset, an indexable sized dataset or a datasets.IterableDataset, "
+        f"got {type(dataset).__name__}"
+    )
 
 
 class BadRowCounter:
@@ -250,8 +371,11 @@ class VisInContextCollator:
             batch["image_mask"] = batch["image_mask"] & ~cut
             batch["pixel_values"] = batch["pixel_values"].masked_fill(cut[..., None, None, None], 0.0)
             rows = [samples[i].get("row_index") for i in cut.any(dim=1).nonzero().flatten().tolist()]
-            _warn_once(self, f"max_length={self.max_length} cut <image> tokens (rows {rows}, and maybe later ones): "
-                             "their images are dropped with them")
+            _warn_once(
+                self,
+                f"max_length={self.max_length} cut <image> tokens (rows {rows}, and maybe later ones): "
+                "their images are dropped with them",
+            )
 
     def image_latents_mask(self, samples: list[dict], image_mask: torch.Tensor) -> torch.Tensor:
         """(B, N) real-image mask -> (B, N) keep mask: each real image kept with probability 1 - token_mask_prob."""
@@ -278,27 +402,46 @@ class VisInContextCollator:
         text_kwargs = dict(padding=True, padding_side="right", return_offsets_mapping=True)
         prerendered = all("context_pages" in s for s in samples)
         batch = self.processor(
-            images=images, text=texts, context=None if prerendered else [s.get("context") for s in samples],
-            return_tensors="pt", return_context_ids=self.return_context_ids and not prerendered,
-            reading_layout=None if prerendered else self.reading_layout, **text_kwargs,
+            images=images,
+            text=texts,
+            context=None if prerendered else [s.get("context") for s in samples],
+            return_tensors="pt",
+            return_context_ids=self.return_context_ids and not prerendered,
+            reading_layout=None if prerendered else self.reading_layout,
+            **text_kwargs,
         )
         if prerendered:
-            pixels, mask = self.processor.pages_to_pixel_values([np.asarray(s["context_pages"], np.uint8) for s in samples])
+            pixels, mask = self.processor.pages_to_pixel_values(
+                [np.asarray(s["context_pages"], np.uint8) for s in samples]
+            )
             batch["context_pixel_values"], batch["context_mask"] = pixels, mask
             batch["context_cut_characters"] = torch.tensor([s["context_cut_characters"] for s in samples])
             if self.reading_layout:
                 cells = [np.asarray(s["context_cells"], np.int32) for s in samples]
                 batch["context_reading_targets"] = self.processor.reading_targets(cells, *self.reading_layout)
             if self.return_context_ids:
-                tokens = self.processor.tokenizer([s["context_text"] for s in samples], padding=True, padding_side="right",
-                                                  return_tensors="pt", add_special_tokens=False)
-                batch["context_input_ids"], batch["context_attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+                tokens = self.processor.tokenizer(
+                    [s["context_text"] for s in samples],
+                    padding=True,
+                    padding_side="right",
+                    return_tensors="pt",
+                    add_special_tokens=False,
+                )
+                batch["context_input_ids"], batch["context_attention_mask"] = (
+                    tokens["input_ids"],
+                    tokens["attention_mask"],
+                )
         if self.max_length is not None and batch["input_ids"].shape[1] > self.max_length:
             self._truncate(batch, samples)
         offsets = batch.pop("offset_mapping")  # (B, T, 2): character span of each token
-        prompt_lengths = torch.tensor([len(s["prompt"]) for s in samples])
+        # trained: the text after the prompt, or a sample's `train_spans` (a conversation's assistant turns)
+        trained = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
+        for row, sample in enumerate(samples):
+            spans = sample.get("train_spans") or [(len(sample["prompt"]), len(sample["prompt"]) + len(sample["text"]))]
+            for start, end in spans:
+                trained[row] |= (offsets[row, :, 0] >= start) & (offsets[row, :, 0] < end)
         labels = batch["input_ids"].clone()
-        is_prompt = offsets[..., 0] < prompt_lengths[:, None]
+        is_prompt = ~trained
         is_media = batch["input_ids"] == self.processor.image_token_id
         labels[is_prompt | is_media | (batch["attention_mask"] == 0)] = -100
         batch["labels"] = labels
@@ -327,13 +470,16 @@ def prerender(dataset, kind: str, processor, num_proc: int | None = None, skip_b
     from datasets import Array3D, Features, Value
 
     renderer = processor.renderer
-    no_pages = {"context_pages": np.zeros((0, renderer.page_height, renderer.page_width), np.uint8),
-                "context_cells": np.zeros((0, renderer.rows_per_page, renderer.columns), np.int32), "context_text": "",
-                "context_cut_characters": 0}
+    no_pages = {
+        "context_pages": np.zeros((0, renderer.page_height, renderer.page_width), np.uint8),
+        "context_cells": np.zeros((0, renderer.rows_per_page, renderer.columns), np.int32),
+        "context_text": "",
+        "context_cut_characters": 0,
+    }
 
     def render(row, index):
         try:
-            context = format_row(row, kind, **format_kwargs)["context"]
+            context = format_row(row, kind, **{"processor": processor, **format_kwargs})["context"]
         except (ValueError, KeyError, OSError, TypeError) as error:
             if skip_bad_rows:
                 return no_pages
@@ -342,14 +488,20 @@ def prerender(dataset, kind: str, processor, num_proc: int | None = None, skip_b
             return no_pages
         result = processor.render(context)
         text = result.kept_text
-        return {"context_pages": result.pages, "context_cells": result.cells, "context_text": text,
-                "context_cut_characters": result.cut_characters}
+        return {
+            "context_pages": result.pages,
+            "context_cells": result.cells,
+            "context_text": text,
+            "context_cut_characters": result.cut_characters,
+        }
 
-    features = Features({
-        **dataset.features,
-        "context_pages": Array3D(shape=(None, renderer.page_height, renderer.page_width), dtype="uint8"),
-        "context_cells": Array3D(shape=(None, renderer.rows_per_page, renderer.columns), dtype="int32"),
-        "context_text": Value("string"),
-        "context_cut_characters": Value("int64"),
-    })
+    features = Features(
+        {
+            **dataset.features,
+            "context_pages": Array3D(shape=(None, renderer.page_height, renderer.page_width), dtype="uint8"),
+            "context_cells": Array3D(shape=(None, renderer.rows_per_page, renderer.columns), dtype="int32"),
+            "context_text": Value("string"),
+            "context_cut_characters": Value("int64"),
+        }
+    )
     return dataset.map(render, with_indices=True, num_proc=num_proc, features=features, desc="rendering context")

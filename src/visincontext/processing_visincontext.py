@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import load_image
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 from transformers.utils import logging
 
@@ -22,9 +23,53 @@ logger = logging.get_logger(__name__)
 FONT_SETTINGS = ("font_path", "fallback_font_paths")
 FONT_LICENCE = "LICENSE-DejaVu.txt"
 RENDERER_SETTINGS = (
-    "font_path", "fallback_font_paths", "font_size", "page_height", "page_width", "line_height", "cell_width", "margin",
-    "max_pages", "overflow",
+    "font_path",
+    "fallback_font_paths",
+    "font_size",
+    "page_height",
+    "page_width",
+    "line_height",
+    "cell_width",
+    "margin",
+    "max_pages",
+    "overflow",
 )
+
+
+# Chat templates. Content items: {"type": "image"} (with "image", "url" or "path" when tokenizing), {"type": "text",
+# "text": ...} and {"type": "context", "text": ...}. The preamble turns each message's items into one string: an image
+# is `<image>` where it stands, text is itself, context is left out of the prompt (the processor renders it into
+# pages, read by every token of the sample), and an assistant turn ends its chunk with `<|endofchunk|>`. The body
+# then lays the messages out: the wrapped LM's own template where it has one (its role markers and generation
+# prompt), else `DEFAULT_CHAT_BODY`.
+CHAT_PREAMBLE = (
+    "{%- set ns = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set parts = namespace(text='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set parts.text = parts.text + '<image>' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set parts.text = parts.text + item['text'] -%}"
+    "{%- endif -%}{%- endfor -%}{%- set text = parts.text -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set text = text + '<|endofchunk|>' -%}{%- endif -%}"
+    "{%- set ns.messages = ns.messages + [{'role': message['role'], 'content': text}] -%}"
+    "{%- endfor -%}{%- set messages = ns.messages -%}\n"
+)
+DEFAULT_CHAT_BODY = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] }}{{ '\\n' }}"
+    "{%- else -%}{{ message['role'] | capitalize }}: {{ message['content'] }}{{ '\\n' }}{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}Assistant: {% endif -%}"
+)
+CONTENT_TYPES = ("image", "text", "context", "image_url")  # image_url: OpenAI-style, for templates that take it
+
+
+def chat_template_for(language_model_template: str | dict | None) -> str:
+    """The processor's chat template: the preamble, then the LM's own template (its "default" one when it has several),
+    or the default body (`User: ...`, `Assistant: ...`, generation prompt `Assistant: `)."""
+    if isinstance(language_model_template, dict):
+        language_model_template = language_model_template.get("default")
+    return CHAT_PREAMBLE + (language_model_template or DEFAULT_CHAT_BODY)
 
 
 def _check_characters(name: str, text: str, index: int, batched: bool) -> None:
@@ -58,7 +103,9 @@ class VisInContextProcessor(ProcessorMixin):
     Args:
         image_processor: e.g. `CLIPImageProcessor`; its output size is the page size by default.
         tokenizer: the language model's tokenizer.
-        chat_template: optional Jinja chat template.
+        chat_template: Jinja chat template; default: `chat_template_for(None)` (`from_backbones` builds it around the
+            language model's own template). Messages may hold `{"type": "image"}`, `{"type": "text", "text": ...}`
+            and `{"type": "context", "text": ...}` items: context is rendered into pages, not written in the prompt.
         image_token / end_of_chunk_token: the media tokens.
         font_path, fallback_font_paths, font_size, page_height, page_width, line_height, cell_width, margin:
             renderer settings (see `TextRenderer`); saved in `processor_config.json`, fonts copied beside it.
@@ -67,7 +114,12 @@ class VisInContextProcessor(ProcessorMixin):
     """
 
     model_input_names = [
-        "input_ids", "attention_mask", "pixel_values", "image_mask", "context_pixel_values", "context_mask",
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "image_mask",
+        "context_pixel_values",
+        "context_mask",
         "context_cut_characters",
     ]
     valid_processor_kwargs = VisInContextProcessorKwargs
@@ -103,11 +155,18 @@ class VisInContextProcessor(ProcessorMixin):
         page_height = page_height or (size[0] if size else 224)
         page_width = page_width or (size[1] if size else 224)
         self.renderer = TextRenderer(
-            font_path=font_path, fallback_font_paths=fallback_font_paths, font_size=font_size, page_height=page_height,
-            page_width=page_width, line_height=line_height, cell_width=cell_width, margin=margin, max_pages=max_pages,
+            font_path=font_path,
+            fallback_font_paths=fallback_font_paths,
+            font_size=font_size,
+            page_height=page_height,
+            page_width=page_width,
+            line_height=line_height,
+            cell_width=cell_width,
+            margin=margin,
+            max_pages=max_pages,
             overflow=overflow,
         )
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or chat_template_for(None))
 
     # The renderer holds its settings (one source of truth): `processor.max_pages` and the others read it, and
     # `max_pages` / `overflow` may be set (validated); the page geometry and fonts are fixed once built.
@@ -121,8 +180,9 @@ class VisInContextProcessor(ProcessorMixin):
             if name not in ("max_pages", "overflow"):
                 raise AttributeError(f"{name}: fixed when the processor is built; build a new processor to change it")
             renderer = self.__dict__["renderer"]
-            TextRenderer._check_overflow(value if name == "max_pages" else renderer.max_pages,
-                                         value if name == "overflow" else renderer.overflow)
+            TextRenderer._check_overflow(
+                value if name == "max_pages" else renderer.max_pages, value if name == "overflow" else renderer.overflow
+            )
             setattr(renderer, name, value)
             return
         super().__setattr__(name, value)
@@ -132,15 +192,21 @@ class VisInContextProcessor(ProcessorMixin):
     @classmethod
     def from_backbones(cls, vision_model: str, language_model: str, tokenizer_kwargs: dict | None = None, **kwargs):
         """Image processor from the vision checkpoint, tokenizer from the LM's, pages shaped to the tower:
-        page = `image_size`, row height = `patch_size` (the same ids as `VisInContextForConditionalGeneration.from_backbones`)."""
+        page = `image_size`, row height = `patch_size` (the same ids as
+        `VisInContextForConditionalGeneration.from_backbones`)."""
         from transformers import AutoConfig
 
         image_processor = AutoImageProcessor.from_pretrained(vision_model)
         tokenizer = AutoTokenizer.from_pretrained(language_model, **(tokenizer_kwargs or {}))
         vision_config = AutoConfig.from_pretrained(vision_model)
         vision_config = getattr(vision_config, "vision_config", vision_config)
-        settings = dict(page_height=vision_config.image_size, page_width=vision_config.image_size, line_height=vision_config.patch_size)
+        settings = dict(
+            page_height=vision_config.image_size,
+            page_width=vision_config.image_size,
+            line_height=vision_config.patch_size,
+        )
         settings.update(kwargs)
+        settings.setdefault("chat_template", chat_template_for(tokenizer.chat_template))
         return cls(image_processor=image_processor, tokenizer=tokenizer, **settings)
 
     def to_dict(self) -> dict:
@@ -178,8 +244,15 @@ class VisInContextProcessor(ProcessorMixin):
         folder or Hub repository (the real `cached_file` path)."""
         from transformers.utils import cached_file
 
-        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder") if k in kwargs}
-        config_file = cached_file(pretrained_model_name_or_path, "processor_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        hub_kwargs = {
+            k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder") if k in kwargs
+        }
+        config_file = cached_file(
+            pretrained_model_name_or_path,
+            "processor_config.json",
+            _raise_exceptions_for_missing_entries=False,
+            **hub_kwargs,
+        )
         if config_file is not None and not all(name in kwargs for name in FONT_SETTINGS):
             try:
                 saved = json.loads(Path(config_file).read_text())
@@ -216,7 +289,9 @@ class VisInContextProcessor(ProcessorMixin):
         if images is None:
             per_sample = [[] for _ in texts]
         elif not batched:
-            per_sample = [list(images) if isinstance(images, (list, tuple)) else [images]]
+            # one sample: its images, possibly nested once ([[image, ...]], as apply_chat_template passes them)
+            nested = len(images) == 1 and isinstance(images[0], (list, tuple))
+            per_sample = [list(images[0]) if nested else list(images)]
         elif images and all(isinstance(x, (list, tuple)) for x in images):
             per_sample = [list(x) for x in images]
         else:  # a flat list for a batch: handed out in <image> order
@@ -250,10 +325,69 @@ class VisInContextProcessor(ProcessorMixin):
                 _check_characters("context", c, i, batched)
         for i, sample_images in enumerate(per_sample):
             for j, image in enumerate(sample_images):
+                if isinstance(image, str):  # a path or URL (chat content items may give them)
+                    try:
+                        sample_images[j] = image = load_image(image)
+                    except (OSError, ValueError) as error:
+                        raise ValueError(f"images: image {j} of sample {i} cannot be loaded ({error})") from None
                 size = image.size if isinstance(image, Image.Image) else getattr(image, "shape", None)
                 if size is not None and 0 in tuple(size)[:2]:
                     raise ValueError(f"images: image {j} of sample {i} is empty ({'x'.join(map(str, size))})")
         return texts, per_sample, contexts, batched
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """`ProcessorMixin.apply_chat_template`, plus the context items: checked, removed from the prompt (by the
+        template) and, with `tokenize=True`, rendered into the sample's context pages (items of a conversation
+        joined by a blank line). With `tokenize=True, return_dict=True` the result holds the same keys as `__call__`.
+        """
+        batched = (
+            isinstance(conversation, (list, tuple))
+            and bool(conversation)
+            and isinstance(conversation[0], (list, tuple))
+        )
+        conversations = list(conversation) if batched else [conversation]
+        contexts = [self._conversation_context(c, kwargs.get("tokenize", False)) for c in conversations]
+        if kwargs.get("tokenize", False):
+            processor_kwargs = dict(kwargs.get("processor_kwargs") or {})
+            processor_kwargs["context"] = contexts if batched else contexts[0]
+            kwargs["processor_kwargs"] = processor_kwargs
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+
+    @staticmethod
+    def _conversation_context(conversation, tokenize: bool) -> str | None:
+        """Checks a conversation's messages and items (dicts or objects with the same fields), naming the message and
+        item; returns its context text."""
+
+        def field(thing, name):
+            return thing.get(name) if isinstance(thing, dict) else getattr(thing, name, None)
+
+        messages = getattr(conversation, "messages", conversation)
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("conversation: expected a non-empty list of messages")
+        contexts = []
+        for i, message in enumerate(messages):
+            if not isinstance(field(message, "role"), str):
+                raise ValueError(f"messages[{i}]: expected a message with a 'role' string and 'content'")
+            content = field(message, "content")
+            if content is None or isinstance(content, str):
+                continue
+            if not isinstance(content, (list, tuple)):
+                kind = type(content).__name__
+                raise ValueError(f"messages[{i}].content: expected a string or a list of items, got {kind}")
+            for j, item in enumerate(content):
+                where = f"messages[{i}].content[{j}]"
+                kind = field(item, "type")
+                if kind not in CONTENT_TYPES:
+                    raise ValueError(f"{where}: unknown content type {kind!r}; expected one of {CONTENT_TYPES}")
+                if kind in ("text", "context") and not isinstance(field(item, "text"), str):
+                    got = type(field(item, "text")).__name__
+                    raise ValueError(f"{where}: a {kind} item needs a string 'text', got {got}")
+                has_image = any(field(item, key) is not None for key in ("image", "url", "path", "base64"))
+                if kind == "image" and tokenize and not has_image:
+                    raise ValueError(f"{where}: an image item without an image (give it 'image', 'url' or 'path')")
+                if kind == "context":
+                    contexts.append(field(item, "text"))
+        return "\n\n".join(contexts) if contexts else None
 
     def render(self, context: str):
         """One context as this processor renders it: its renderer, with its `max_pages` and `overflow`."""
@@ -293,7 +427,9 @@ class VisInContextProcessor(ProcessorMixin):
         """Rendered pages per sample (`(P, H, W)` uint8 arrays, or None) -> padded `(B, P, 3, H, W)` pixel values
         and a `(B, P)` mask: for pages rendered ahead of time (`visincontext.data.prerender`)."""
         counts = [0 if p is None else len(p) for p in pages]
-        batch = np.full((len(pages), max(counts + [0]), self.renderer.page_height, self.renderer.page_width), 255, np.uint8)
+        batch = np.full(
+            (len(pages), max(counts + [0]), self.renderer.page_height, self.renderer.page_width), 255, np.uint8
+        )
         mask = np.zeros(batch.shape[:2], dtype=bool)
         for i, (sample_pages, count) in enumerate(zip(pages, counts)):
             if count:
@@ -345,8 +481,11 @@ class VisInContextProcessor(ProcessorMixin):
         if isinstance(kwargs.get("text_kwargs"), dict):
             kwargs["text_kwargs"] = {k: v for k, v in kwargs["text_kwargs"].items() if k != "padding_side"}
         flat_images = [image for sample in per_sample for image in sample]
-        data = dict(super().__call__(images=flat_images or None, text=texts, return_tensors="pt", padding_side=padding_side,
-                                     **kwargs))
+        data = dict(
+            super().__call__(
+                images=flat_images or None, text=texts, return_tensors="pt", padding_side=padding_side, **kwargs
+            )
+        )
 
         height, width = self.renderer.page_height, self.renderer.page_width
         flat_pixels = data.pop("pixel_values", torch.zeros(0, 3, height, width))
@@ -359,20 +498,21 @@ class VisInContextProcessor(ProcessorMixin):
             image_mask[i, : len(sample)] = True
             start += len(sample)
         pages, context_mask, kept, cells, cut = self.render_context(contexts)
-        data.update(pixel_values=pixel_values, image_mask=image_mask, context_pixel_values=pages, context_mask=context_mask,
-                    context_cut_characters=cut)
+        data.update(
+            pixel_values=pixel_values,
+            image_mask=image_mask,
+            context_pixel_values=pages,
+            context_mask=context_mask,
+            context_cut_characters=cut,
+        )
         if options.get("reading_layout"):
             data["context_reading_targets"] = self.reading_targets(cells, *options["reading_layout"])
         if options.get("return_context_ids"):
-            tokens = self.tokenizer(kept, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
+            tokens = self.tokenizer(
+                kept, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False
+            )
             data.update(context_input_ids=tokens["input_ids"], context_attention_mask=tokens["attention_mask"])
         return BatchFeature(data=data, tensor_type=return_tensors)
-
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
 
 
 __all__ = ["VisInContextProcessor"]

@@ -12,6 +12,7 @@ from .tasks import (
     EvaluationResult,
     Example,
     Task,
+    build_messages,
     build_prompt,
     evaluate,
     get_task,
@@ -22,7 +23,21 @@ from .tasks import (
 )
 
 __all__ = [
-    "anls", "cider_d", "normalize_vqa_answer", "vqa_accuracy", "CONTEXT_MODES", "TASKS", "EvaluationResult", "Example",
-    "Task", "build_prompt", "evaluate", "get_task", "load_examples", "markdown_table", "model_index",
+    "anls",
+    "cider_d",
+    "normalize_vqa_answer",
+    "vqa_accuracy",
+    "CONTEXT_MODES",
+    "TASKS",
+    "EvaluationResult",
+    "Example",
+    "Task",
+    "build_messages",
+    "build_prompt",
+    "evaluate",
+    "get_task",
+    "load_examples",
+    "markdown_table",
+    "model_index",
     "select_demonstrations",
 ]

@@ -1,4 +1,5 @@
-"""python -m visincontext.evaluation --model DIR --task easy-vqa --shots 0 4 --context-mode text rendered --output results.json
+"""python -m visincontext.evaluation --model DIR --task easy-vqa --shots 0 4 --context-mode text rendered \
+    --output results.json
 
 Exits 0 on success. A bad argument, unreadable data or an unwritable output is one line on stderr and exit 2; the
 output is checked before the model is loaded, and the JSON and markdown are written whole or not at all.
@@ -18,11 +19,15 @@ import torch
 def parse_args(argv=None) -> argparse.Namespace:
     from .tasks import CONTEXT_MODES, SELECTIONS, TASKS
 
-    parser = argparse.ArgumentParser(prog="python -m visincontext.evaluation", description="Few-shot evaluation of a VisInContext model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m visincontext.evaluation", description="Few-shot evaluation of a VisInContext model."
+    )
     parser.add_argument("--model", required=True, help="folder or Hub id of a VisInContext model and processor")
     parser.add_argument("--task", required=True, choices=sorted(TASKS), metavar="TASK", help=f"one of {sorted(TASKS)}")
     parser.add_argument("--data", nargs="*", help="query data (files, or a Hub id); easy-vqa has an embedded default")
-    parser.add_argument("--support-data", nargs="*", help="demonstration pool (default: the train split of the same source)")
+    parser.add_argument(
+        "--support-data", nargs="*", help="demonstration pool (default: the train split of the same source)"
+    )
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=200, help="evaluate the first N queries (N >= 1)")
     parser.add_argument("--support-limit", type=int, default=2000, help="read at most N demonstrations (N >= 1)")
@@ -32,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=10)
+    parser.add_argument("--chat", action="store_true", help="prompt through the processor's chat template")
     parser.add_argument("--output", default="results.json", help="JSON path; the markdown table goes next to it (.md)")
     args = parser.parse_args(argv)
     for name in ("limit", "support_limit", "batch_size", "max_new_tokens"):
@@ -58,15 +64,27 @@ def run(argv=None) -> dict:
     start = time.perf_counter()
     queries = load_examples(task, args.data, split=args.split, limit=args.limit)
     support_source = args.support_data if args.support_data is not None else args.data
-    support = load_examples(task, support_source, split="train" if not args.support_data else args.split, limit=args.support_limit)
+    support = load_examples(
+        task, support_source, split="train" if not args.support_data else args.split, limit=args.support_limit
+    )
     if not args.support_data and args.data and len(args.data) == 1 and Path(args.data[0]).is_file():
         query_ids = {q.id for q in queries}  # one local file: demonstrations come from its other examples
         support = [s for s in load_examples(task, args.data, split=args.split) if s.id not in query_ids]
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     results = evaluate(
-        model, processor, task, queries, support, args.shots, args.context_mode, selection=args.selection, seed=args.seed,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        model,
+        processor,
+        task,
+        queries,
+        support,
+        args.shots,
+        args.context_mode,
+        selection=args.selection,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        chat=args.chat,
     )
     report = {
         "task": task.name,

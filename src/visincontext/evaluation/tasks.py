@@ -30,20 +30,39 @@ class Task:
     labels: tuple[str, ...] = ()
 
 
-_VQA = dict(kind="vqa", metric="vqa_accuracy", hub_task_type="visual-question-answering",
-            demo="Question: {question} Short answer: {answer}", query="Question: {question} Short answer:")
-_CAPTION = dict(kind="captioning", metric="cider_d", hub_task_type="image-to-text", demo="Caption: {answer}", query="Caption:")
+_VQA = dict(
+    kind="vqa",
+    metric="vqa_accuracy",
+    hub_task_type="visual-question-answering",
+    demo="Question: {question} Short answer: {answer}",
+    query="Question: {question} Short answer:",
+)
+_CAPTION = dict(
+    kind="captioning", metric="cider_d", hub_task_type="image-to-text", demo="Caption: {answer}", query="Caption:"
+)
 TASKS = {
     **{name: Task(name, **_VQA) for name in ("vqav2", "okvqa", "textvqa", "vizwiz", "ocrvqa", "easy-vqa")},
     "docvqa": Task("docvqa", **{**_VQA, "metric": "anls"}),
     "coco": Task("coco", **_CAPTION),
     "flickr30k": Task("flickr30k", **_CAPTION),
-    "sst2": Task("sst2", kind="classification", metric="accuracy", hub_task_type="text-classification",
-                 demo="Review: {question} Sentiment: {answer}", query="Review: {question} Sentiment:",
-                 labels=("negative", "positive")),
-    "trec": Task("trec", kind="classification", metric="accuracy", hub_task_type="text-classification",
-                 demo="Question: {question} Type: {answer}", query="Question: {question} Type:",
-                 labels=("abbreviation", "entity", "description", "human", "location", "number")),
+    "sst2": Task(
+        "sst2",
+        kind="classification",
+        metric="accuracy",
+        hub_task_type="text-classification",
+        demo="Review: {question} Sentiment: {answer}",
+        query="Review: {question} Sentiment:",
+        labels=("negative", "positive"),
+    ),
+    "trec": Task(
+        "trec",
+        kind="classification",
+        metric="accuracy",
+        hub_task_type="text-classification",
+        demo="Question: {question} Type: {answer}",
+        query="Question: {question} Type:",
+        labels=("abbreviation", "entity", "description", "human", "location", "number"),
+    ),
 }
 
 
@@ -82,7 +101,12 @@ def _from_record(record: dict, task: Task, index: int, image_root: Path | None, 
     if isinstance(image, str) and image_root is not None and not Path(image).is_absolute():
         image = str(image_root / image)
     question = record.get("question", record.get("text", record.get("sentence", "")))
-    return Example(question=question, answers=[str(a) for a in answers], image=image, id=str(record.get("id", record.get("question_id", index))))
+    return Example(
+        question=question,
+        answers=[str(a) for a in answers],
+        image=image,
+        id=str(record.get("id", record.get("question_id", index))),
+    )
 
 
 def load_examples(task: Task, data: list[str] | None, split: str = "test", limit: int | None = None) -> list[Example]:
@@ -98,7 +122,9 @@ def load_examples(task: Task, data: list[str] | None, split: str = "test", limit
         return _easy_vqa(split, limit)
     paths = [Path(p) for p in data]
     for path in paths:
-        if not path.exists() and (len(paths) > 1 or path.suffix in (".json", ".jsonl") or str(path).startswith((".", "/"))):
+        if not path.exists() and (
+            len(paths) > 1 or path.suffix in (".json", ".jsonl") or str(path).startswith((".", "/"))
+        ):
             raise ValueError(f"data: no file or folder at {str(path)!r}")
     if not paths[0].exists():  # a Hub id
         from datasets import load_dataset
@@ -110,18 +136,28 @@ def load_examples(task: Task, data: list[str] | None, split: str = "test", limit
     records = _read_records(paths[0])
     if isinstance(records, dict) and "questions" in records:  # official VQA format
         if len(paths) < 2:
-            raise ValueError("data: the VQA questions file needs its annotations file next: questions.json annotations.json [images]")
+            raise ValueError(
+                "data: the VQA questions file needs its annotations file next: questions.json annotations.json [images]"
+            )
         annotations = {a["question_id"]: a for a in json.loads(paths[1].read_text())["annotations"]}
         records = [
-            {"id": q["question_id"], "question": q["question"], "answers": annotations[q["question_id"]]["answers"],
-             "image": f"COCO_{split}2014_{q['image_id']:012d}.jpg" if "image" not in q else q["image"]}
+            {
+                "id": q["question_id"],
+                "question": q["question"],
+                "answers": annotations[q["question_id"]]["answers"],
+                "image": f"COCO_{split}2014_{q['image_id']:012d}.jpg" if "image" not in q else q["image"],
+            }
             for q in records["questions"]
         ]
     elif isinstance(records, dict) and "images" in records:  # Karpathy captions
         records = [
-            {"id": image.get("cocoid", image.get("imgid", i)), "image": str(Path(image.get("filepath", "")) / image["filename"]),
-             "captions": [" ".join(s["tokens"]) if "tokens" in s else s["raw"] for s in image["sentences"]]}
-            for i, image in enumerate(records["images"]) if image.get("split", split) == split
+            {
+                "id": image.get("cocoid", image.get("imgid", i)),
+                "image": str(Path(image.get("filepath", "")) / image["filename"]),
+                "captions": [" ".join(s["tokens"]) if "tokens" in s else s["raw"] for s in image["sentences"]],
+            }
+            for i, image in enumerate(records["images"])
+            if image.get("split", split) == split
         ]
     if limit is not None and limit < 1:
         raise ValueError(f"limit: expected a positive number of examples, got {limit}")
@@ -140,14 +176,18 @@ def _read_records(path: Path):
         try:
             return json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"data: {path} is not valid JSON (line {error.lineno} column {error.colno}: {error.msg})") from None
+            raise ValueError(
+                f"data: {path} is not valid JSON (line {error.lineno} column {error.colno}: {error.msg})"
+            ) from None
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ValueError(f"data: {path} line {number}: not valid JSON (column {error.colno}: {error.msg})") from None
+                raise ValueError(
+                    f"data: {path} line {number}: not valid JSON (column {error.colno}: {error.msg})"
+                ) from None
     return records
 
 
@@ -161,14 +201,21 @@ def _easy_vqa(split: str, limit: int | None) -> list[Example]:
         questions, answers, image_ids = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()
     count = len(questions) if limit is None else min(limit, len(questions))
-    return [Example(question=questions[i], answers=[answers[i]], image=paths[image_ids[i]], id=str(i)) for i in range(count)]
+    return [
+        Example(question=questions[i], answers=[answers[i]], image=paths[image_ids[i]], id=str(i)) for i in range(count)
+    ]
 
 
 # ---- demonstrations and prompts --------------------------------------------------------------------
 
 
 def select_demonstrations(
-    queries: list[Example], support: list[Example], shots: int, selection: str = "random", seed: int = 0, model=None,
+    queries: list[Example],
+    support: list[Example],
+    shots: int,
+    selection: str = "random",
+    seed: int = 0,
+    model=None,
     processor=None,
 ) -> list[list[Example]]:
     """`shots` demonstrations per query: a seeded random sample, or RICES (the support examples whose images
@@ -216,6 +263,31 @@ def build_prompt(task: Task, demonstrations: list[Example], query: Example, mode
     return query_text, "\n".join(lines)
 
 
+def build_messages(task: Task, demonstrations: list[Example], query: Example, mode: str) -> list[dict]:
+    """The same prompt as a conversation, for the processor's chat template: demonstrations as earlier user and
+    assistant turns (`"text"`) or as a context item rendered into pages (`"rendered"`), then the query (with its
+    image) as the last user turn."""
+    if mode not in CONTEXT_MODES:
+        raise ValueError(f"context_mode: expected one of {CONTEXT_MODES}, got {mode!r}")
+    query_text = task.query.format(question=query.question).removesuffix(":").strip()
+    query_content = ([{"type": "image", "image": load_image(query.image)}] if query.image is not None else []) + [
+        {"type": "text", "text": query_text}
+    ]
+    if mode == "rendered" and demonstrations:
+        lines = "\n".join(task.demo.format(question=d.question, answer=d.answers[0]) for d in demonstrations)
+        return [{"role": "user", "content": [{"type": "context", "text": lines}, *query_content]}]
+    turns = []
+    for d in demonstrations:
+        turns.append(
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": task.query.format(question=d.question).removesuffix(":").strip()}],
+            }
+        )
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": d.answers[0]}]})
+    return [*turns, {"role": "user", "content": query_content}]
+
+
 def clean_prediction(text: str) -> str:
     """The generated answer up to the end of its chunk or line."""
     for stop in (END_OF_CHUNK_TOKEN, "\n", IMAGE_TOKEN):
@@ -233,7 +305,10 @@ def score(task: Task, predictions: list[str], examples: list[Example]) -> float:
         return sum(anls(p, e.answers) for p, e in zip(predictions, examples)) / len(examples)
     if task.metric == "accuracy":
         return sum(p.strip().lower() == e.answers[0].lower() for p, e in zip(predictions, examples)) / len(examples)
-    corpus, _ = cider_d({e.id: p.lower() for p, e in zip(predictions, examples)}, {e.id: [a.lower() for a in e.answers] for e in examples})
+    corpus, _ = cider_d(
+        {e.id: p.lower() for p, e in zip(predictions, examples)},
+        {e.id: [a.lower() for a in e.answers] for e in examples},
+    )
     return corpus
 
 
@@ -251,10 +326,21 @@ class EvaluationResult:
 
 @torch.no_grad()
 def evaluate(
-    model, processor, task: Task, queries: list[Example], support: list[Example], shots: list[int], modes: list[str],
-    selection: str = "random", seed: int = 0, batch_size: int = 8, max_new_tokens: int = 10,
+    model,
+    processor,
+    task: Task,
+    queries: list[Example],
+    support: list[Example],
+    shots: list[int],
+    modes: list[str],
+    selection: str = "random",
+    seed: int = 0,
+    batch_size: int = 8,
+    max_new_tokens: int = 10,
+    chat: bool = False,
 ) -> list[EvaluationResult]:
-    """Scores every (shots, mode) pair on the same queries and the same demonstrations."""
+    """Scores every (shots, mode) pair on the same queries and the same demonstrations. With `chat=True` the prompts
+    go through the processor's chat template (`build_messages`), for instruction-tuned models."""
     for mode in modes:
         if mode not in CONTEXT_MODES:
             raise ValueError(f"context_mode: expected one of {CONTEXT_MODES}, got {mode!r}")
@@ -267,23 +353,50 @@ def evaluate(
             predictions = []
             for begin in tqdm(range(0, len(queries), batch_size), desc=f"{task.name} {k}-shot {mode}", leave=False):
                 batch = queries[begin : begin + batch_size]
-                prompts = [build_prompt(task, demonstrations[begin + i], q, mode) for i, q in enumerate(batch)]
-                images = [[load_image(q.image)] if q.image is not None else [] for q in batch]
-                inputs = processor(
-                    images=images, text=[p for p, _ in prompts], context=[c for _, c in prompts], return_tensors="pt"
-                ).to(model.device)
-                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=processor.tokenizer.pad_token_id)
+                if chat:
+                    conversations = [
+                        build_messages(task, demonstrations[begin + i], q, mode) for i, q in enumerate(batch)
+                    ]
+                    inputs = processor.apply_chat_template(
+                        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+                    ).to(model.device)
+                else:
+                    prompts = [build_prompt(task, demonstrations[begin + i], q, mode) for i, q in enumerate(batch)]
+                    images = [[load_image(q.image)] if q.image is not None else [] for q in batch]
+                    inputs = processor(
+                        images=images,
+                        text=[p for p, _ in prompts],
+                        context=[c for _, c in prompts],
+                        return_tensors="pt",
+                    ).to(model.device)
+                output = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=processor.tokenizer.pad_token_id,
+                )
                 new_tokens = output[:, inputs["input_ids"].shape[1] :]
-                predictions += [clean_prediction(t) for t in processor.batch_decode(new_tokens, skip_special_tokens=False)]
+                predictions += [
+                    clean_prediction(t) for t in processor.batch_decode(new_tokens, skip_special_tokens=False)
+                ]
             value = score(task, predictions, queries)
             runtime = time.perf_counter() - start
-            for mode_name in (modes if k == 0 else [mode]):
-                results.append(EvaluationResult(
-                    task=task.name, shots=k, context_mode=mode_name, score=value, metric=task.metric,
-                    num_examples=len(queries), runtime_s=runtime,
-                    predictions=[{"id": q.id, "prediction": p, "answers": q.answers} for q, p in zip(queries[:20], predictions)],
-                ))
+            for mode_name in modes if k == 0 else [mode]:
+                results.append(
+                    EvaluationResult(
+                        task=task.name,
+                        shots=k,
+                        context_mode=mode_name,
+                        score=value,
+                        metric=task.metric,
+                        num_examples=len(queries),
+                        runtime_s=runtime,
+                        predictions=[
+                            {"id": q.id, "prediction": p, "answers": q.answers}
+                            for q, p in zip(queries[:20], predictions)
+                        ],
+                    )
+                )
     return results
 
 
@@ -291,10 +404,17 @@ def model_index(task: Task, results: list[EvaluationResult], split: str, dataset
     """`huggingface_hub.EvalResult` fields for the model card's model-index: one result per setting (shots and
     context mode are the `dataset_config`, so the Hub does not merge them), each metric labelled with its setting."""
     return [
-        {"task_type": task.hub_task_type, "task_name": f"{task.name} {r.shots}-shot ({r.context_mode})",
-         "dataset_type": task.name, "dataset_name": dataset_name or task.name, "dataset_split": split,
-         "dataset_config": f"{r.shots}-shot-{r.context_mode}", "metric_type": r.metric,
-         "metric_name": f"{r.metric} ({r.shots}-shot, {r.context_mode} context)", "metric_value": r.score}
+        {
+            "task_type": task.hub_task_type,
+            "task_name": f"{task.name} {r.shots}-shot ({r.context_mode})",
+            "dataset_type": task.name,
+            "dataset_name": dataset_name or task.name,
+            "dataset_split": split,
+            "dataset_config": f"{r.shots}-shot-{r.context_mode}",
+            "metric_type": r.metric,
+            "metric_name": f"{r.metric} ({r.shots}-shot, {r.context_mode} context)",
+            "metric_value": r.score,
+        }
         for r in results
     ]
 
@@ -304,6 +424,9 @@ def markdown_table(results: list[EvaluationResult]) -> str:
     modes = sorted({r.context_mode for r in results}, key=CONTEXT_MODES.index)
     lines = ["| task | shots | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
     for task, shots in sorted({(r.task, r.shots) for r in results}, key=lambda x: (x[0], x[1])):
-        cells = [next((f"{r.score:.4f}" for r in results if (r.task, r.shots, r.context_mode) == (task, shots, m)), "") for m in modes]
+        cells = [
+            next((f"{r.score:.4f}" for r in results if (r.task, r.shots, r.context_mode) == (task, shots, m)), "")
+            for m in modes
+        ]
         lines.append(f"| {task} | {shots} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
