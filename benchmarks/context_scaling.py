@@ -188,10 +188,18 @@ def training_step(model, inputs: dict, attention_shapes: set, device: str) -> di
 
 
 def static_bytes(model) -> int:
-    """Weights in their dtype + fp32 master copy, gradient and Adam moments of the trained parameters."""
+    """Weights in their dtype, and for each trained parameter: an fp32 master copy (when the weights are not fp32),
+    an fp32 gradient and two fp32 Adam moments."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return weights + trained * (4 + 4 + 8)
+    trained = sum(
+        p.numel() * ((0 if p.dtype == torch.float32 else 4) + 4 + 8) for p in model.parameters() if p.requires_grad
+    )
+    return weights + trained
+
+
+def estimated_step_memory(model, saved_bytes_flash: int) -> int:
+    """The estimated peak memory of one training step: static bytes + activations saved for backward."""
+    return static_bytes(model) + saved_bytes_flash
 
 
 def measure(preset: str, lengths: list[int], device: str, seed: int, chars_per_token: float) -> dict:
@@ -231,7 +239,7 @@ def measure(preset: str, lengths: list[int], device: str, seed: int, chars_per_t
             device,
         )
         for result in (raw, rendered):
-            result["estimated_memory_bytes"] = static + result["saved_bytes_flash"]
+            result["estimated_memory_bytes"] = estimated_step_memory(model, result["saved_bytes_flash"])
         rows.append(
             {
                 "context_tokens": length,

@@ -3,6 +3,9 @@
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
@@ -44,13 +47,78 @@ def test_render_speed_measures_the_same_pages():
     assert throughput["context_pages_per_sample"] == 4 and throughput["samples_per_s"] > 0
 
 
-def test_generation_benchmark_tiny(tmp_path):
+def test_generation_benchmark_measures_both_paths_and_counts_their_flops():
     import generation
 
-    model, processor = generation.build("tiny", tmp_path)
-    rows = generation.measure(model, processor, [256, 1024], decode_tokens=4, seed=0, repeats=1)
-    assert rows[0]["pages"] < rows[1]["pages"]
-    assert rows[0]["raw_prompt_tokens"] > 256 and rows[0]["rendered_prompt_tokens"] < 100
-    for row in rows:
-        for side in ("raw", "rendered"):
-            assert row[side]["time_to_first_token_s"] > 0 and row[side]["decode_tokens_per_s"] > 0
+    result = generation.measure(
+        "tiny", ["tiny"], [256, 1024], new_tokens=3, repeats=1, dtype=torch.float32, device="cpu"
+    )
+    short, long = result["rows"]
+    assert short["rendered"]["tiny"]["pages"] < long["rendered"]["tiny"]["pages"]
+    assert short["raw"]["prompt_tokens"] > 256 > 100 > short["rendered"]["tiny"]["prompt_tokens"]
+    for row in (short, long):
+        rendered = row["rendered"]["tiny"]
+        assert rendered["ttft_speedup"] == row["raw"]["time_to_first_token_s"] / rendered["time_to_first_token_s"]
+        assert len(rendered["runs"]) == 1 and rendered["decode_tokens_per_s"] > 0
+    # raw prefill FLOPs grow with the context; rendered ones grow by the pages only
+    flops = [row["rendered"]["tiny"]["flops"] for row in (short, long)]
+    assert flops[1]["raw_flops"] > 3 * flops[0]["raw_flops"]
+    assert flops[0]["rendered_flops"] < flops[1]["rendered_flops"] < flops[1]["raw_flops"]
+
+
+def test_flops_crossover_is_interpolated_in_log_size():
+    import generation
+
+    points = [
+        {"language_model_parameters": 1e8, "flops_ratio": 0.5},
+        {"language_model_parameters": 1e9, "flops_ratio": 0.8},
+        {"language_model_parameters": 1e10, "flops_ratio": 1.2},
+    ]
+    assert generation.crossover(points) == pytest.approx(10**9.5)
+    assert generation.crossover(points[:2]) is None
+
+
+def test_context_reuse_answers_like_one_shot_and_keeps_its_state():
+    import context_reuse
+
+    result = context_reuse.measure("tiny", "tiny", 512, new_tokens=3, repeats=1, dtype=torch.float32, device="cpu")
+    assert result["identical_to_one_shot"] == {"rendered": True, "raw": True}
+    assert result["unchanged_after_reuse"] == {"memory": True, "prefix_cache": True}
+    assert result["reuse_speedup"] == (
+        result["time_to_first_token_s"]["rendered_encoded_again"] / result["time_to_first_token_s"]["rendered_reused"]
+    )
+    # the prefix cache keeps keys and values of every layer for every prefix token (4 layers, 4 heads of 32, fp32)
+    prefix_tokens = 512 + 1  # the document and its line break (byte-level tokens)
+    assert result["kept_bytes"]["prefix_kv_cache"] == 4 * 2 * 4 * 32 * prefix_tokens * 4
+
+
+def test_train_memory_sweep_stops_at_the_budget_and_reports_the_ratio():
+    import train_memory
+
+    args = train_memory.parse_args(["--budget-gib", "1", "--start", "256", "--max-length", "65536"])
+
+    def fake_point(args, mode, length):  # raw costs 1 MiB a token, rendered 1/16 of that
+        per_token = 2**20 if mode == "raw" else 2**16
+        return {
+            "context_tokens": length,
+            "pages": length // 64,
+            "measured_memory_bytes": length * per_token,
+            "estimated_memory_bytes": length * per_token * 1.1,
+            "estimate_relative_error": 0.1,
+            "step_time_s": 0,
+        }
+
+    result = train_memory.sweep(args, measure_point=fake_point)
+    assert [p["context_tokens"] for p in result["points"]["raw"]] == [256, 512, 1024, 2048]
+    assert result["longest_fitting"] == {"raw": 1024, "rendered": 16384}
+    assert result["measured_context_ratio"] == 16 and not result["measured_context_ratio_is_lower_bound"]
+
+
+def test_train_memory_point_runs_in_its_own_process():
+    import train_memory
+
+    args = train_memory.parse_args(["--language-model", "tiny", "--tower", "tiny"])
+    short, long = (train_memory.point_in_new_process(args, "raw", n) for n in (256, 4096))
+    assert 0 < short["measured_memory_bytes"] < long["measured_memory_bytes"]
+    assert 0 < short["estimated_memory_bytes"] < long["estimated_memory_bytes"]
+    assert short["process_baseline_bytes"] > 0 and short["sequence_tokens"] == 256 + train_memory.PROMPT_TOKENS

