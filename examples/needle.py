@@ -1,0 +1,584 @@
+"""Needle in a rendered haystack: does the package's own recipe read natural text on default pages?
+
+A haystack of English filler sentences (Faker's word list, no digits) hides one needle sentence, "The access code
+of vault Q-17 is 4829.", at a random depth; the prompt asks for that vault's code. The haystack is rendered by the
+package's processor with its default layout (224x224 pages, rows one 16-px patch tall, two characters per patch,
+392 characters a page) into 1 to 16 pages, and a small VisInContext model (a random 2-layer ViT, resamplers,
+cross-attention and a 2-layer byte-level Llama, all trained here from scratch) learns through the package's
+collator and `Trainer`, with its reading objective on (`reading_loss_weight`: each latent spells out the
+characters of its page cells). Held out: vault names, codes and filler words never seen in training.
+
+Runs (each in its own process, so that its peak memory is its own):
+- `rendered`: the main run, haystacks as context pages;
+- `blank`: the same steps with blank pages (control: what the prompt alone gives);
+- `raw`: the same LM reading the haystack as tokens in its window, for the same wall-clock time (baseline);
+- evaluation controls of the main model: the needle's page removed from the context;
+- `--compression`: shorter runs at 2, 4, 8 and 16 characters per latent (196, 98, 49 and 25 latents a page).
+
+    python examples/needle.py                          # rendered + controls + raw baseline (about 75 minutes)
+    python examples/needle.py --compression            # the compression curve (4 x --compression-minutes)
+    python examples/needle.py --stage rendered --minutes 3 --max-train-pages 4 --output-dir /tmp/needle
+
+Results: `examples/results/needle.json` (`accuracy_by_pages`, `chance`, ...), `needle_heatmap.png` (pages x depth,
+rendered and raw side by side), `needle_curves.png`, `needle_compression.png`, `needle_page.png`.
+"""
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, TrainerCallback, TrainingArguments
+
+from visincontext import VisInContextConfig, VisInContextForConditionalGeneration
+from visincontext.data import VisInContextCollator
+from visincontext.offline import BYTE_VOCAB, default_processor
+from visincontext.training import VisInContextTrainer
+
+PAGES = (1, 2, 4, 8, 16)
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+PAGE_SIZE, PATCH_SIZE = 224, 16
+CELLS_PER_PAGE = (PAGE_SIZE // PATCH_SIZE) * (PAGE_SIZE // (PATCH_SIZE // 2))  # 14 rows x 28 columns
+LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+CODES = 10_000
+RESULTS = Path(__file__).parent / "results"
+
+
+# ---- the task -------------------------------------------------------------------------------------------------
+
+
+def words(held_out: bool) -> list[str]:
+    """Faker's English word list, split in two halves: training filler and held-out filler never share a word."""
+    from faker.providers.lorem.en_US import Provider
+
+    vocabulary = sorted(Provider.word_list)
+    random.Random(1234).shuffle(vocabulary)
+    half = len(vocabulary) // 2
+    return vocabulary[half:] if held_out else vocabulary[:half]
+
+
+def is_held_out_vault(name: str) -> bool:
+    """One vault name in four is held out of training (evaluation asks only for those)."""
+    return (LETTERS.index(name[0]) * 7 + int(name[2:])) % 4 == 0
+
+
+def is_held_out_code(code: int) -> bool:
+    """One code in five is held out of training, by a hash: every digit still appears at every position in training
+    (a rule such as `code % 5 == 0` would hold out every code ending in 0 or 5, which no model could then produce)."""
+    return zlib.crc32(str(code).encode()) % 5 == 0
+
+
+def vault_and_code(rng: random.Random, held_out: bool) -> tuple[str, str]:
+    while True:
+        name = f"{rng.choice(LETTERS)}-{rng.randint(10, 99)}"
+        if is_held_out_vault(name) == held_out:
+            break
+    while True:
+        code = rng.randrange(1000, CODES)
+        if is_held_out_code(code) == held_out:
+            return name, str(code)
+
+
+class Haystacks:
+    """Filler text that fills a number of pages, with one needle sentence at a given depth."""
+
+    def __init__(self, processor, held_out: bool, seed: int):
+        from faker import Faker
+
+        self.processor, self.held_out = processor, held_out
+        self.fake = Faker("en_US")
+        self.fake.seed_instance(seed + (10_007 if held_out else 0))
+        self.words = words(held_out)
+        self.rng = random.Random(seed + (20_011 if held_out else 1))
+
+    def filler(self, characters: int) -> list[str]:
+        sentences, length = [], 0
+        while length < characters:
+            sentence = self.fake.sentence(nb_words=self.rng.randint(6, 14), ext_word_list=self.words)
+            sentences.append(sentence)
+            length += len(sentence) + 1
+        return sentences
+
+    def sample(self, pages: int, depth: float | None = None) -> dict:
+        """A haystack that renders into exactly `pages` pages, the needle at `depth` (0: first sentence, 1: last)."""
+        name, code = vault_and_code(self.rng, self.held_out)
+        needle = f"The access code of vault {name} is {code}."
+        depth = self.rng.random() if depth is None else depth
+        target = int(pages * CELLS_PER_PAGE * 0.88) - len(needle)
+        sentences = self.filler(target)
+        for _ in range(1000):  # add or drop a sentence until the text fills exactly `pages` pages
+            position = round(depth * len(sentences))
+            text = " ".join(sentences[:position] + [needle] + sentences[position:])
+            count = len(self.processor.renderer.render(text))
+            if count == pages:
+                break
+            if count < pages:
+                sentences += self.filler(60)
+            else:
+                sentences.pop(self.rng.randrange(len(sentences)))
+        return {"context": text, "needle": needle, "vault": name, "code": code, "depth": depth, "pages": pages}
+
+
+def prompt_of(sample: dict) -> str:
+    return f"What is the access code of vault {sample['vault']}? Answer:"
+
+
+def training_pages(rng: random.Random, max_pages: int) -> int:
+    """Half the haystacks are 1-2 pages, where reading is learned first; half are 1 to `max_pages` pages."""
+    return rng.randint(1, min(2, max_pages)) if rng.random() < 0.5 else rng.randint(1, max_pages)
+
+
+def training_sample(haystacks: Haystacks, max_pages: int, blank: bool) -> dict:
+    pages = training_pages(haystacks.rng, max_pages)
+    sample = haystacks.sample(pages)
+    return {
+        "images": [],
+        "prompt": prompt_of(sample),
+        "text": f" {sample['code']}<|endofchunk|>",
+        "context": blank_like(sample["context"]) if blank else sample["context"],
+    }
+
+
+def blank_like(text: str) -> str:
+    """The same number of pages, with nothing drawn on them (spaces and line breaks only)."""
+    return "".join(" " if c != "\n" else c for c in text)
+
+
+class SampleStream(torch.utils.data.IterableDataset):
+    def __init__(self, processor, seed: int, max_pages: int, blank: bool):
+        self.processor, self.seed, self.max_pages, self.blank = processor, seed, max_pages, blank
+
+    def __iter__(self):
+        haystacks = Haystacks(self.processor, held_out=False, seed=self.seed)
+        while True:
+            yield training_sample(haystacks, self.max_pages, self.blank)
+
+
+def evaluation_set(processor, seed: int, per_cell: int, pages=PAGES, depths=DEPTHS) -> list[dict]:
+    haystacks = Haystacks(processor, held_out=True, seed=seed)
+    return [haystacks.sample(p, d) for p in pages for d in depths for _ in range(per_cell)]
+
+
+# ---- the model --------------------------------------------------------------------------------------------------
+
+
+def build_processor():
+    """The package's processor at 224x224 with its default layout rules (rows one patch tall, two characters a patch).
+    Pages are normalised so that paper is 0 and ink -0.1: a random tower hardly sees glyphs under CLIP's."""
+    processor = default_processor(image_size=PAGE_SIZE, line_height=PATCH_SIZE, max_pages=max(PAGES))
+    processor.image_processor.image_mean = [1.0, 1.0, 1.0]
+    processor.image_processor.image_std = [10.0, 10.0, 10.0]
+    return processor
+
+
+def build_model(seed: int, num_latents: int, cells_per_latent: int, reading_loss_weight: float):
+    """Every part random and trained; the tanh gates start open (nothing pretrained to protect)."""
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=96,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=PAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    text = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=BYTE_VOCAB,
+        max_position_embeddings=8192,
+    )
+    config = VisInContextConfig(
+        vision_config=vision,
+        text_config=text,
+        num_latents=num_latents,
+        resampler_depth=1,
+        resampler_num_heads=4,
+        resampler_head_dim=24,
+        cross_attention_every=1,
+        cross_attention_num_heads=4,
+        cross_attention_head_dim=32,
+        contrastive_loss_weight=0.0,
+        freeze_vision_tower=False,
+        freeze_language_model=False,
+        image_token_id=BYTE_VOCAB,
+        end_of_chunk_token_id=BYTE_VOCAB + 1,
+        reading_loss_weight=reading_loss_weight,
+        reading_cells_per_latent=cells_per_latent,
+    )
+    model = VisInContextForConditionalGeneration(config)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.gated_cross_attention.attn_gate.fill_(1.0)
+            layer.gated_cross_attention.ff_gate.fill_(1.0)
+    return model
+
+
+# ---- training and evaluation ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def exact_match(model, processor, samples: list[dict], mode: str, batch_size: int = 16) -> list[bool]:
+    """Greedy answers; `mode`: "rendered" (pages), "blank" (blank pages), "removed" (the needle's page taken out of
+    the context) or "raw" (the haystack as tokens before the question)."""
+    was_training = model.training
+    model.eval()
+    hits = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        if mode == "raw":
+            batch = processor(text=[s["context"] + "\n" + prompt_of(s) for s in chunk], return_tensors="pt")
+        else:
+            contexts = [context_for(processor, s, mode) for s in chunk]
+            batch = processor(text=[prompt_of(s) for s in chunk], context=contexts, return_tensors="pt")
+        output = model.generate(**batch, max_new_tokens=5, do_sample=False, eos_token_id=None)
+        answers = processor.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        hits += [answer.strip().startswith(s["code"]) for answer, s in zip(answers, chunk)]
+    model.train(was_training)
+    return hits
+
+
+def context_for(processor, sample: dict, mode: str) -> str:
+    if mode == "blank":
+        return blank_like(sample["context"])
+    if mode == "removed":  # the pages without the one that holds the needle's code
+        rendered = processor.render(sample["context"])
+        kept = [rendered.text[a:b] for a, b in rendered.spans if sample["code"] not in rendered.text[a:b]]
+        return "".join(kept) if kept else " "
+    return sample["context"]
+
+
+class Budget(TrainerCallback):
+    """Stops at the time budget and records held-out exact match every `eval_every` steps."""
+
+    def __init__(self, model, processor, samples, mode, minutes, eval_every):
+        self.model, self.processor, self.samples, self.mode = model, processor, samples, mode
+        self.minutes, self.eval_every, self.start, self.curve = minutes, eval_every, time.time(), []
+        self.step_times = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_times.append(time.perf_counter() - self.step_start)
+        minutes = (time.time() - self.start) / 60
+        if state.global_step % self.eval_every == 0:
+            hits = exact_match(self.model, self.processor, self.samples, self.mode)
+            point = {
+                "step": state.global_step,
+                "minutes": round(minutes, 2),
+                "held_out_exact_match": sum(hits) / len(hits),
+            }
+            self.curve.append(point)
+            print(json.dumps(point), flush=True)
+        if minutes >= self.minutes:
+            control.should_training_stop = True
+
+
+class RawStream(torch.utils.data.IterableDataset):
+    """The raw-text baseline's samples: the haystack as tokens, then the question; trained on the answer."""
+
+    def __init__(self, processor, seed: int, max_pages: int):
+        self.processor, self.seed, self.max_pages = processor, seed, max_pages
+
+    def __iter__(self):
+        haystacks = Haystacks(self.processor, held_out=False, seed=self.seed)
+        while True:
+            sample = haystacks.sample(training_pages(haystacks.rng, self.max_pages))
+            yield {
+                "images": [],
+                "prompt": sample["context"] + "\n" + prompt_of(sample),
+                "text": f" {sample['code']}<|endofchunk|>",
+                "context": None,
+            }
+
+
+def train(args) -> dict:
+    """One stage (rendered, blank or raw), in this process. Returns its figures."""
+    torch.set_num_threads(args.threads)
+    processor = build_processor()
+    num_latents = args.latents
+    cells = -(-CELLS_PER_PAGE // num_latents)
+    mode = {"rendered": "rendered", "blank": "blank", "raw": "raw"}[args.stage]
+    model = build_model(
+        args.seed, num_latents, cells, reading_loss_weight=0.0 if mode == "raw" else args.reading_loss_weight
+    )
+    curve_set = evaluation_set(processor, args.seed + 1, per_cell=1, pages=(1, 4, 16), depths=(0.0, 0.5, 1.0))
+    budget = Budget(model, processor, curve_set, mode, args.minutes, args.eval_every)
+    if mode == "raw":
+        dataset, collator = RawStream(processor, args.seed, args.max_train_pages), VisInContextCollator(processor)
+    else:
+        dataset = SampleStream(processor, args.seed, args.max_train_pages, blank=mode == "blank")
+        collator = VisInContextCollator(processor, reading_layout=(num_latents, cells))
+    training_args = TrainingArguments(
+        output_dir=str(Path(args.output_dir) / f"scratch-{args.stage}"),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=100,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=50,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=args.quiet,
+    )
+    trainer = VisInContextTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[budget],
+    )
+    started = time.time()
+    trainer.train()
+    minutes = (time.time() - started) / 60
+    final = evaluation_set(processor, args.seed + 2, per_cell=args.eval_per_cell)
+    results = {
+        "stage": args.stage,
+        "steps": trainer.state.global_step,
+        "training_minutes": round(minutes, 2),
+        "median_step_seconds": sorted(budget.step_times)[len(budget.step_times) // 2],
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "latents_per_page": num_latents,
+        "characters_per_latent": CELLS_PER_PAGE / num_latents,
+        "curve": budget.curve,
+    }
+    modes = [mode] + (["removed"] if mode == "rendered" else [])
+    for evaluation_mode in modes:
+        hits = exact_match(model, processor, final, evaluation_mode)
+        grid = {
+            p: {d: mean([h for h, s in zip(hits, final) if s["pages"] == p and s["depth"] == d]) for d in DEPTHS}
+            for p in PAGES
+        }
+        key = "" if evaluation_mode == mode else f"{evaluation_mode}_"
+        results[f"{key}held_out_exact_match"] = mean(hits)
+        results[f"{key}accuracy_by_pages"] = {str(p): mean(list(grid[p].values())) for p in PAGES}
+        results[f"{key}accuracy_by_pages_and_depth"] = {str(p): {str(d): v for d, v in grid[p].items()} for p in PAGES}
+    return results
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(len(values), 1)
+
+
+# ---- the whole experiment ---------------------------------------------------------------------------------------
+
+
+def run_stage(args, stage: str, **overrides) -> dict:
+    """A stage in a fresh process (its own peak memory), with these arguments."""
+    output = Path(args.output_dir) / f"{stage}{overrides.get('suffix', '')}.json"
+    command = [sys.executable, __file__, "--stage", stage, "--stage-output", str(output)]
+    settings = {**vars(args), **{k: v for k, v in overrides.items() if k != "suffix"}}
+    for name in (
+        "minutes",
+        "max_steps",
+        "seed",
+        "batch_size",
+        "learning_rate",
+        "reading_loss_weight",
+        "latents",
+        "max_train_pages",
+        "eval_every",
+        "eval_per_cell",
+        "threads",
+        "output_dir",
+    ):
+        command += [f"--{name.replace('_', '-')}", str(settings[name])]
+    if args.quiet:
+        command.append("--quiet")
+    subprocess.run(command, check=True)
+    return json.loads(output.read_text())
+
+
+def save_figures(report: dict, output_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    panels = [(name, runs[name]) for name in ("rendered", "raw") if name in runs]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for axis, (name, run) in zip(axes[0], panels):
+        grid = [[run["accuracy_by_pages_and_depth"][str(p)][str(d)] * 100 for d in DEPTHS] for p in PAGES]
+        image = axis.imshow(grid, vmin=0, vmax=100, cmap="viridis", origin="lower", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                axis.text(
+                    j, i, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black", fontsize=8
+                )
+        axis.set_xticks(range(len(DEPTHS)), [f"{d:.0%}" for d in DEPTHS])
+        axis.set_yticks(
+            range(len(PAGES)), [f"{p} ({p * CELLS_PER_PAGE // 1000}k chars)" if p > 2 else str(p) for p in PAGES]
+        )
+        axis.set_xlabel("needle depth")
+        axis.set_ylabel("context pages")
+        axis.set_title(f"{name}: held-out exact match (%)")
+    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    figure.savefig(output_dir / "needle_heatmap.png", dpi=120, bbox_inches="tight")
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, run in runs.items():
+        axis.plot(
+            [p["minutes"] for p in run["curve"]],
+            [100 * p["held_out_exact_match"] for p in run["curve"]],
+            label=f"{name} ({run['steps']} steps)",
+        )
+    axis.axhline(100 * report["chance"], color="black", ls=":", label="chance")
+    axis.set_xlabel("training minutes (2 CPU cores)")
+    axis.set_ylabel("held-out exact match, 1/4/16 pages (%)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output_dir / "needle_curves.png", dpi=120)
+
+    processor = build_processor()
+    sample = Haystacks(processor, held_out=True, seed=report["seed"] + 2).sample(1, 0.5)
+    processor.renderer.render(sample["context"]).to_images()[0].save(output_dir / "needle_page.png")
+
+
+def save_compression(report: dict, output_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = report["compression"]
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    for pages in ("1", "4", "16"):
+        axis.plot(
+            [p["characters_per_latent"] for p in points],
+            [100 * p["accuracy_by_pages"][pages] for p in points],
+            "o-",
+            label=f"{pages} pages",
+        )
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("characters per latent (392 a page)")
+    axis.set_ylabel("held-out exact match (%)")
+    axis.set_title(f"Compression ({report['compression_minutes']} min per point)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(output_dir / "needle_compression.png", dpi=120)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=["rendered", "blank", "raw"], default=None, help="run one stage only")
+    parser.add_argument("--stage-output", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--minutes", type=float, default=30.0, help="training budget of the rendered run")
+    parser.add_argument("--max-steps", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--reading-loss-weight", type=float, default=1.0)
+    parser.add_argument("--latents", type=int, default=64, help="latents per page (64: 6 characters each, 8 cells)")
+    parser.add_argument("--max-train-pages", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-per-cell", type=int, default=8, help="held-out questions per (pages, depth)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-baselines", action="store_true", help="the rendered run and its controls only")
+    parser.add_argument("--compression", action="store_true", help="the compression curve instead")
+    parser.add_argument("--compression-minutes", type=float, default=8.0)
+    parser.add_argument("--output-dir", default=str(RESULTS))
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    for name in (
+        "minutes",
+        "max_steps",
+        "batch_size",
+        "learning_rate",
+        "latents",
+        "max_train_pages",
+        "eval_every",
+        "eval_per_cell",
+        "threads",
+        "compression_minutes",
+    ):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
+    if args.reading_loss_weight < 0:
+        parser.error(f"--reading-loss-weight: expected a number >= 0, got {args.reading_loss_weight}")
+    if not 1 <= args.max_train_pages <= max(PAGES):
+        parser.error(f"--max-train-pages: expected 1 to {max(PAGES)}, got {args.max_train_pages}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.stage:  # one stage, in this process
+        results = train(args)
+        Path(args.stage_output or output_dir / f"{args.stage}.json").write_text(json.dumps(results, indent=2))
+        return results
+    chance = 1 / sum(is_held_out_code(code) for code in range(1000, CODES))  # a held-out code, guessed
+    if args.compression:
+        points = []
+        for latents in (196, 98, 49, 25):
+            point = run_stage(args, "rendered", latents=latents, minutes=args.compression_minutes, suffix=f"-{latents}")
+            points.append(
+                {
+                    k: point[k]
+                    for k in (
+                        "latents_per_page",
+                        "characters_per_latent",
+                        "steps",
+                        "held_out_exact_match",
+                        "accuracy_by_pages",
+                    )
+                }
+            )
+        report = {
+            "seed": args.seed,
+            "chance": chance,
+            "compression_minutes": args.compression_minutes,
+            "compression": points,
+        }
+        (output_dir / "needle_compression.json").write_text(json.dumps(report, indent=2))
+        save_compression(report, output_dir)
+        return report
+    runs = {"rendered": run_stage(args, "rendered")}
+    if not args.skip_baselines:
+        runs["blank"] = run_stage(args, "blank", max_steps=runs["rendered"]["steps"], minutes=10_000)
+        runs["raw"] = run_stage(args, "raw", minutes=runs["rendered"]["training_minutes"])
+    rendered = runs["rendered"]
+    report = {
+        "task": "generate the 4-digit access code of the vault a question names, from haystacks of 1-16 rendered "
+        "pages of English filler with that one needle sentence at a random depth; held-out vaults, codes and words",
+        "seed": args.seed,
+        "chance": chance,
+        "arguments": vars(args),
+        "accuracy_by_pages": rendered["accuracy_by_pages"],
+        "held_out_exact_match": rendered["held_out_exact_match"],
+        "needle_page_removed_accuracy": rendered["removed_held_out_exact_match"],
+        "runs": runs,
+    }
+    (output_dir / "needle.json").write_text(json.dumps(report, indent=2))
+    save_figures(report, output_dir)
+    for name, run in runs.items():
+        print(
+            f"{name}: held-out exact match {100 * run['held_out_exact_match']:.1f}% after {run['steps']} steps "
+            f"({run['training_minutes']} min); by pages {run['accuracy_by_pages']}"
+        )
+    print(f"needle page removed: {100 * rendered['removed_held_out_exact_match']:.1f}%; chance {100 * chance:.2f}%")
+    return report
+
+
+if __name__ == "__main__":
+    main()

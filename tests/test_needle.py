@@ -1,0 +1,115 @@
+"""examples/needle.py: the needle-in-a-haystack experiment on the package's default page layout (issue: needle)."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import needle  # noqa: E402
+
+from visincontext.offline import default_processor  # noqa: E402
+from visincontext.rendering_visincontext import READING_CLASSES  # noqa: E402
+
+CLASS_CHARACTER = {0: " ", 1: "\N{REPLACEMENT CHARACTER}", **{i + 2: chr(0x21 + i) for i in range(READING_CLASSES - 2)}}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return needle.build_processor()
+
+
+@pytest.mark.parametrize(
+    ("image_size", "line_height", "num_latents", "cells_per_latent"),
+    [
+        (224, 16, 64, 8),  # the needle's layout: 14 rows x 28 cells, 64 latents (the last 15 read blanks)
+        (224, 14, 32, 8),  # a ViT-L/14 page: 16 rows x 32 cells, latents for the first 8 rows only
+        (64, 8, 16, 8),  # the offline default: 8 rows x 16 cells, one latent per 8 cells
+    ],
+)
+def test_reading_targets_spell_what_each_page_region_shows(image_size, line_height, num_latents, cells_per_latent):
+    """Each latent's targets are the characters drawn in its cells, in reading order: a cell has ink exactly when
+    its target is a character, and the targets spell the page's text."""
+    processor = default_processor(image_size=image_size, line_height=line_height, max_pages=16)
+    renderer = processor.renderer
+    haystacks = needle.Haystacks(processor, held_out=False, seed=image_size + num_latents)
+    text = haystacks.sample(3)["context"]
+    rendered = processor.render(text)
+    targets = processor.reading_targets([rendered.cells], num_latents, cells_per_latent)[0].numpy()
+    assert targets.shape == (len(rendered), num_latents, cells_per_latent)
+    rows, columns = renderer.rows_per_page, renderer.columns
+    for page, (start, end) in enumerate(rendered.spans):
+        spelled = "".join(CLASS_CHARACTER[c] for c in targets[page].reshape(-1))
+        read = spelled[: rows * columns]
+        # the page's words, in order, are what its latents read (a row's end is a word's end: wrapping moves spaces)
+        covered = min(rows, len(read) // columns)
+        lines = " ".join(read[r * columns : (r + 1) * columns] for r in range(covered)).split()
+        words = rendered.text[start:end].split()
+        assert lines == words[: len(lines)] and len(lines) > 10, page
+        if covered == rows:
+            assert lines == words, page
+        assert set(spelled[rows * columns :]) <= {" "}  # latents past the page's last cell read blanks
+        pixels = rendered.pages[page]
+        for index, character in enumerate(read):
+            row, column = divmod(index, columns)
+            top, left = row * line_height, renderer.margin + column * renderer.cell_width
+            block = pixels[top : top + line_height, left : left + renderer.cell_width]
+            assert (block.min() < 160) == (character != " "), (page, row, column, character)
+
+
+def test_held_out_vaults_codes_and_words_never_reach_training(processor):
+    haystacks = needle.Haystacks(processor, held_out=False, seed=0)
+    held_out_words = set(needle.words(held_out=True))
+    training_codes = set()
+    for _ in range(60):
+        sample = needle.training_sample(haystacks, max_pages=4, blank=False)
+        vault, code = re.search(r"vault ([A-Z]-\d\d) is (\d{4})\.", sample["context"]).groups()
+        assert not needle.is_held_out_vault(vault) and not needle.is_held_out_code(int(code))
+        assert sample["text"] == f" {code}<|endofchunk|>" and vault in sample["prompt"]
+        filler = set(re.findall(r"[a-z]+", sample["context"].replace(f"vault {vault} is {code}", "").lower()))
+        assert not (filler - {"the", "access", "code", "of"}) & held_out_words
+        training_codes.add(code)
+    for sample in needle.evaluation_set(processor, seed=1, per_cell=1):
+        assert needle.is_held_out_vault(sample["vault"]) and needle.is_held_out_code(int(sample["code"]))
+        assert len(processor.render(sample["context"])) == sample["pages"]
+        assert sample["needle"] in sample["context"]
+
+
+def test_every_digit_is_trained_at_every_position_of_a_code():
+    """The held-out codes are chosen by a hash: a rule like `code % 5 == 0` would never train a last digit of 0 or 5,
+    and no model could then answer a held-out question."""
+    training = [str(c) for c in range(1000, needle.CODES) if not needle.is_held_out_code(c)]
+    held_out = [str(c) for c in range(1000, needle.CODES) if needle.is_held_out_code(c)]
+    assert 0.15 < len(held_out) / (len(held_out) + len(training)) < 0.25
+    for position in range(4):
+        assert {code[position] for code in training} == set("0123456789"[1 if position == 0 else 0 :])
+
+
+def test_the_needle_sits_at_the_depth_asked(processor):
+    haystacks = needle.Haystacks(processor, held_out=True, seed=3)
+    for pages in (1, 4):
+        first, last = haystacks.sample(pages, 0.0), haystacks.sample(pages, 1.0)
+        assert first["context"].startswith(first["needle"]) and last["context"].endswith(last["needle"])
+        middle = haystacks.sample(pages, 0.5)
+        position = middle["context"].index(middle["needle"]) / len(middle["context"])
+        assert 0.3 < position < 0.7 and len(processor.render(middle["context"])) == pages
+
+
+def test_controls_hide_the_needle(processor):
+    sample = needle.Haystacks(processor, held_out=True, seed=4).sample(4, 0.5)
+    blank = needle.context_for(processor, sample, "blank")
+    assert blank.strip() == "" and len(processor.render(blank)) == len(processor.render(sample["context"]))
+    removed = needle.context_for(processor, sample, "removed")
+    assert sample["code"] not in removed and len(processor.render(removed)) == 3
+
+
+@pytest.mark.parametrize(
+    "argument", [["--minutes", "0"], ["--reading-loss-weight", "-1"], ["--max-train-pages", "17"], ["--latents", "0"]]
+)
+def test_bad_arguments_are_refused(tmp_path, capsys, argument):
+    with pytest.raises(SystemExit):
+        needle.main([*argument, "--output-dir", str(tmp_path)])
+    assert argument[0] in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
