@@ -277,7 +277,11 @@ class MediaTokenLMHead(nn.Linear):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (B, T, H) -> logits (B, T, output_vocab_size)."""
-        logits = F.linear(hidden_states, self.weight)
+        # Projected as (B*T, H): a slice such as hidden_states[:, -1:] keeps its parent's batch stride, and for such a
+        # 3-d input torch's CPU matmul falls back to bmm over a transposed copy of the whole weight (2 s per prefill
+        # with a 128k vocabulary in bfloat16, measured by benchmarks/generation.py).
+        logits = F.linear(hidden_states.reshape(-1, hidden_states.shape[-1]), self.weight)
+        logits = logits.view(*hidden_states.shape[:-1], -1)
         if self.output_vocab_size > self.out_features:  # ids between the vocabulary and a media id do not exist
             logits = F.pad(logits, (0, self.output_vocab_size - self.out_features), value=torch.finfo(logits.dtype).min)
         media_logits = self.media_head(hidden_states)  # (B, T, num_media_tokens)
