@@ -27,8 +27,10 @@ import argparse
 import json
 import random
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -319,8 +321,9 @@ def train(args) -> dict:
     else:
         dataset = SampleStream(processor, args.seed, args.max_train_pages, blank=mode == "blank")
         collator = VisInContextCollator(processor, reading_layout=(num_latents, cells))
+    scratch = tempfile.mkdtemp(prefix=f"needle-{args.stage}-")
     training_args = TrainingArguments(
-        output_dir=str(Path(args.output_dir) / f"scratch-{args.stage}"),
+        output_dir=scratch,  # nothing is saved (save_strategy="no"); the Trainer still wants a folder
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -348,6 +351,7 @@ def train(args) -> dict:
     started = time.time()
     trainer.train()
     minutes = (time.time() - started) / 60
+    shutil.rmtree(scratch, ignore_errors=True)
     final = evaluation_set(processor, args.seed + 2, per_cell=args.eval_per_cell)
     results = {
         "stage": args.stage,
@@ -358,6 +362,7 @@ def train(args) -> dict:
         "latents_per_page": num_latents,
         "characters_per_latent": CELLS_PER_PAGE / num_latents,
         "curve": budget.curve,
+        "settings": {name: getattr(args, name) for name in STAGE_SETTINGS},
     }
     modes = [mode] + (["removed"] if mode == "rendered" else [])
     for evaluation_mode in modes:
@@ -381,28 +386,35 @@ def mean(values) -> float:
 # ---- the whole experiment ---------------------------------------------------------------------------------------
 
 
+STAGE_SETTINGS = (
+    "minutes",
+    "max_steps",
+    "seed",
+    "batch_size",
+    "learning_rate",
+    "reading_loss_weight",
+    "latents",
+    "max_train_pages",
+    "eval_every",
+    "eval_per_cell",
+    "threads",
+)
+
+
 def run_stage(args, stage: str, **overrides) -> dict:
-    """A stage in a fresh process (its own peak memory), with these arguments."""
-    output = Path(args.output_dir) / f"{stage}{overrides.get('suffix', '')}.json"
+    """A stage in a fresh process (its own peak memory), with these arguments. With `--resume`, a stage whose
+    results are already in the output folder under the same settings is read back instead of run again."""
+    output = Path(args.output_dir) / f"{stage}{overrides.pop('suffix', '')}.json"
+    settings = {name: overrides.get(name, getattr(args, name)) for name in STAGE_SETTINGS}
+    if args.resume and output.exists():
+        previous = json.loads(output.read_text())
+        if previous.get("settings") == settings:
+            print(f"{stage}: reusing {output}", flush=True)
+            return previous
     command = [sys.executable, __file__, "--stage", stage, "--stage-output", str(output)]
-    settings = {**vars(args), **{k: v for k, v in overrides.items() if k != "suffix"}}
-    for name in (
-        "minutes",
-        "max_steps",
-        "seed",
-        "batch_size",
-        "learning_rate",
-        "reading_loss_weight",
-        "latents",
-        "max_train_pages",
-        "eval_every",
-        "eval_per_cell",
-        "threads",
-        "output_dir",
-    ):
-        command += [f"--{name.replace('_', '-')}", str(settings[name])]
-    if args.quiet:
-        command.append("--quiet")
+    for name, value in settings.items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    command += ["--output-dir", args.output_dir] + (["--quiet"] if args.quiet else [])
     subprocess.run(command, check=True)
     return json.loads(output.read_text())
 
@@ -492,10 +504,13 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-per-cell", type=int, default=8, help="held-out questions per (pages, depth)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-baselines", action="store_true", help="the rendered run and its controls only")
+    parser.add_argument(
+        "--baselines", nargs="*", choices=["blank", "raw"], default=["blank", "raw"], help="runs beside the main one"
+    )
     parser.add_argument("--compression", action="store_true", help="the compression curve instead")
     parser.add_argument("--compression-minutes", type=float, default=8.0)
     parser.add_argument("--output-dir", default=str(RESULTS))
+    parser.add_argument("--resume", action="store_true", help="reuse stages already run with the same settings")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     for name in (
@@ -554,8 +569,9 @@ def main(argv=None) -> dict:
         save_compression(report, output_dir)
         return report
     runs = {"rendered": run_stage(args, "rendered")}
-    if not args.skip_baselines:
+    if "blank" in args.baselines:  # the same number of steps
         runs["blank"] = run_stage(args, "blank", max_steps=runs["rendered"]["steps"], minutes=10_000)
+    if "raw" in args.baselines:  # the same wall-clock time
         runs["raw"] = run_stage(args, "raw", minutes=runs["rendered"]["training_minutes"])
     rendered = runs["rendered"]
     report = {
