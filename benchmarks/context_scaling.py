@@ -174,11 +174,16 @@ def training_step(model, inputs: dict, attention_shapes: set, device: str) -> di
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    # only the parameters this step's loss reaches get a gradient and Adam moments (e.g. no image resampler
+    # without images, no cross-attention without media)
+    updated = [p for p in model.parameters() if p.grad is not None]
     model.zero_grad(set_to_none=True)
     result = {
         "flops": flops.get_total_flops(),
         "saved_bytes": saved.total,
         "saved_bytes_flash": saved.total - saved.attention,
+        "gradient_bytes": 4 * sum(p.numel() for p in updated),
+        "optimizer_bytes": sum(p.numel() * ((0 if p.dtype == torch.float32 else 4) + 8) for p in updated),
     }
     if device != "meta":
         result["step_time_s"] = elapsed
@@ -189,7 +194,7 @@ def training_step(model, inputs: dict, attention_shapes: set, device: str) -> di
 
 def static_bytes(model) -> int:
     """Weights in their dtype, and for each trained parameter: an fp32 master copy (when the weights are not fp32),
-    an fp32 gradient and two fp32 Adam moments."""
+    an fp32 gradient and two fp32 Adam moments (an upper bound: parameters a step does not reach hold neither)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trained = sum(
         p.numel() * ((0 if p.dtype == torch.float32 else 4) + 4 + 8) for p in model.parameters() if p.requires_grad
@@ -197,9 +202,12 @@ def static_bytes(model) -> int:
     return weights + trained
 
 
-def estimated_step_memory(model, saved_bytes_flash: int) -> int:
-    """The estimated peak memory of one training step: static bytes + activations saved for backward."""
-    return static_bytes(model) + saved_bytes_flash
+def estimated_step_memory(model, step: dict) -> int:
+    """The estimated peak memory of one training step, from `training_step`'s counts: the weights, the gradients of
+    the parameters the loss reaches, and the larger of the activations saved for backward (freed as backward runs)
+    and the optimizer's fp32 moments and master copies (created by the step, after backward)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + step["gradient_bytes"] + max(step["saved_bytes_flash"], step["optimizer_bytes"])
 
 
 def measure(preset: str, lengths: list[int], device: str, seed: int, chars_per_token: float) -> dict:
@@ -239,7 +247,7 @@ def measure(preset: str, lengths: list[int], device: str, seed: int, chars_per_t
             device,
         )
         for result in (raw, rendered):
-            result["estimated_memory_bytes"] = estimated_step_memory(model, result["saved_bytes_flash"])
+            result["estimated_memory_bytes"] = estimated_step_memory(model, result)
         rows.append(
             {
                 "context_tokens": length,
