@@ -7,6 +7,7 @@ name (the `[flash]` line needs CUDA and says so); the GPU launches on this CPU w
 backbones and the sample data, the two-node launch as two local "nodes".
 """
 
+import json
 import os
 import re
 import shlex
@@ -110,7 +111,7 @@ def test_bash_blocks_run(workspace):
     lines = [line for body in blocks("bash")[2:] for line in command_lines(body)]  # after set-up and install
     runnable = [line for line in lines if line.startswith("python ")]
     launches = [line for line in lines if line.startswith("accelerate launch")]
-    assert len(runnable) == 5 and len(launches) == 2  # the launches: test_accelerate_launch_lines_run
+    assert len(runnable) == 7 and len(launches) == 2  # the launches: test_accelerate_launch_lines_run
     for line in runnable:
         args = shlex.split(substitute(line, workspace))
         args[0] = sys.executable
@@ -131,8 +132,18 @@ def test_bash_blocks_run(workspace):
                 str(workspace / "outputs" / "recall"),
                 "--quiet",
             ]
+        if "needle.py" in line:  # three steps per stage and one question per (pages, depth), not 75 minutes
+            output = workspace / "outputs" / ("needle-all" if "--baselines" not in line else "needle")
+            args += ["--max-steps", "3", "--eval-every", "2", "--eval-per-cell", "1", "--output-dir", str(output)]
+            args += ["--quiet"]
         run(args, workspace)
     assert (workspace / "outputs" / "eval" / "results.md").exists()
+    assert set(json.loads((workspace / "outputs" / "needle-all" / "needle.json").read_text())["runs"]) == {
+        "rendered",
+        "blank",
+        "raw",
+    }
+    assert (workspace / "outputs" / "needle" / "needle_heatmap.png").exists()
     assert (workspace / "outputs" / "qlora" / "adapter" / "adapter_config.json").exists()
     assert (workspace / "outputs" / "recall" / "synthetic_recall_curves.png").exists()
 
