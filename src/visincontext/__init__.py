@@ -11,7 +11,7 @@ from .modeling_visincontext import (
 from .processing_visincontext import VisInContextProcessor
 from .rendering_visincontext import RenderedText, TextRenderer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AutoConfig.register(VisInContextConfig.model_type, VisInContextConfig, exist_ok=True)
 AutoModel.register(VisInContextConfig, VisInContextModel, exist_ok=True)
