@@ -23,7 +23,14 @@ import time
 from pathlib import Path
 
 import torch
-from shapes import LANGUAGE_MODELS, english_text, english_tokenizer, language_model_config, vision_tower_config
+from shapes import (
+    LANGUAGE_MODELS,
+    english_text,
+    english_tokenizer,
+    keep_freed_memory,
+    language_model_config,
+    vision_tower_config,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPImageProcessorPil, LogitsProcessor, LogitsProcessorList
@@ -353,6 +360,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    allocator = keep_freed_memory()
     output = Path(args.output or f"benchmarks/results/generation_{args.language_model}_{args.device}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     result = measure(
@@ -374,6 +382,7 @@ def main(argv=None) -> dict:
         "dtype": args.dtype,
         "device": args.device,
         "threads": torch.get_num_threads(),
+        "allocator": allocator,
         "repeats": args.repeats,
         "new_tokens": args.new_tokens,
         "prefill_speedup": first["ttft_speedup"],
