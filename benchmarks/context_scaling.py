@@ -19,6 +19,7 @@ import json
 import platform
 import random
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -134,19 +135,31 @@ def sample_text(num_tokens: int, chars_per_token: float, seed: int) -> str:
 
 class SavedBytes:
     """Counts the bytes of activations autograd saves for backward (weights, which matmuls also save, are
-    not activations and are skipped); `attention` holds the attention-score matrices."""
+    not activations and are skipped); `attention` holds the attention-score matrices.
+
+    Each tensor is counted once, however many ops save it (the resampler's six layers all save the same media
+    features, every cross-attention layer the same latents), and a saved view counts as the tensor it views, whose
+    whole memory it keeps alive. Tensors are recognised by identity through weak references, so counting keeps
+    nothing alive longer than autograd does.
+    """
 
     def __init__(self, attention_shapes: set[tuple[int, int]], parameters: set[int]):
         self.total = self.attention = 0
         self.attention_shapes = attention_shapes
         self.parameters = parameters
+        self.seen: dict[int, weakref.ref] = {}
 
     def pack(self, tensor):
-        if id(tensor) in self.parameters or id(tensor._base) in self.parameters:
+        owner = tensor if tensor._base is None else tensor._base
+        if id(tensor) in self.parameters or id(owner) in self.parameters:
             return tensor
-        size = tensor.numel() * tensor.element_size()
+        known = self.seen.get(id(owner))
+        if known is not None and known() is owner:
+            return tensor
+        self.seen[id(owner)] = weakref.ref(owner)
+        size = owner.numel() * owner.element_size()
         self.total += size
-        if tensor.dim() >= 3 and tuple(tensor.shape[-2:]) in self.attention_shapes:
+        if owner.dim() >= 3 and tuple(owner.shape[-2:]) in self.attention_shapes:
             self.attention += size
         return tensor
 
@@ -169,8 +182,8 @@ def training_step(model, inputs: dict, attention_shapes: set, device: str) -> di
         torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack),
         FlopCounterMode(display=False) as flops,
     ):
-        loss = model(**inputs).loss
-        loss.backward()
+        output = model(**inputs)
+        output.loss.backward()
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -182,6 +195,9 @@ def training_step(model, inputs: dict, attention_shapes: set, device: str) -> di
         "flops": flops.get_total_flops(),
         "saved_bytes": saved.total,
         "saved_bytes_flash": saved.total - saved.attention,
+        # the loss's backward starts by materialising two fp32 tensors of the logits' shape (the gradients of
+        # log-softmax's output and input) while nearly every saved activation is still alive
+        "loss_gradient_bytes": 2 * 4 * output.logits.numel(),
         "gradient_bytes": 4 * sum(p.numel() for p in updated),
         "optimizer_bytes": sum(p.numel() * ((0 if p.dtype == torch.float32 else 4) + 8) for p in updated),
     }
@@ -204,10 +220,12 @@ def static_bytes(model) -> int:
 
 def estimated_step_memory(model, step: dict) -> int:
     """The estimated peak memory of one training step, from `training_step`'s counts: the weights, the gradients of
-    the parameters the loss reaches, and the larger of the activations saved for backward (freed as backward runs)
-    and the optimizer's fp32 moments and master copies (created by the step, after backward)."""
+    the parameters the loss reaches, and the larger of (a) the activations saved for backward plus the loss's
+    logits-sized gradients at the start of backward (both freed as backward runs) and (b) the optimizer's fp32
+    moments and master copies (created by the step, after backward)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return weights + step["gradient_bytes"] + max(step["saved_bytes_flash"], step["optimizer_bytes"])
+    backward = step["saved_bytes_flash"] + step["loss_gradient_bytes"]
+    return weights + step["gradient_bytes"] + max(backward, step["optimizer_bytes"])
 
 
 def measure(preset: str, lengths: list[int], device: str, seed: int, chars_per_token: float) -> dict:

@@ -13,8 +13,8 @@ optimizer are built and freed memory is returned with `malloc_trim`) less what t
 Lengths double until the step no longer fits `--budget-gib`; the longest length that fits is reported for each
 side, and their ratio as `measured_context_ratio`. Beside each measurement: the estimate of
 `benchmarks/context_scaling.py` for the same step (weights, gradients of the parameters the loss reaches, and the
-larger of the activations saved for backward and the Adam states, all counted on the meta device) and its
-relative error. Writes JSON and a PNG.
+larger of the Adam states and the activations saved for backward, each counted once, plus the loss's two
+logits-sized gradients; all counted on the meta device) and its relative error. Writes JSON and a PNG.
 """
 
 import argparse
@@ -111,6 +111,7 @@ def estimate(config, inputs: dict, mode: str, length: int) -> dict:
     counted = training_step(model, meta_inputs, shapes, "meta")
     return {
         "saved_bytes_flash": counted["saved_bytes_flash"],
+        "loss_gradient_bytes": counted["loss_gradient_bytes"],
         "flops": counted["flops"],
         "gradient_bytes": counted["gradient_bytes"],
         "optimizer_bytes": counted["optimizer_bytes"],

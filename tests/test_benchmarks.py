@@ -122,3 +122,30 @@ def test_train_memory_point_runs_in_its_own_process():
     assert 0 < short["measured_memory_bytes"] < long["measured_memory_bytes"]
     assert 0 < short["estimated_memory_bytes"] < long["estimated_memory_bytes"]
     assert short["process_baseline_bytes"] > 0 and short["sequence_tokens"] == 256 + train_memory.PROMPT_TOKENS
+
+
+def test_saved_bytes_counts_each_tensor_once_and_a_view_as_what_it_keeps_alive():
+    import context_scaling
+
+    weight = torch.nn.Parameter(torch.randn(100))
+    saved = context_scaling.SavedBytes(set(), {id(weight)})
+    leaf = torch.randn(1000, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        sines = leaf.sin()  # saves leaf: 4000 bytes
+        squares = sines * sines  # saves sines twice: counted once, 4000 bytes
+        rows = squares.view(10, 100)[:, :10]  # a view
+        product = rows.exp() * weight[:10]  # exp saves its result (new, 400 bytes); mul saves it and the weight
+        picked = squares.view(10, 100)[:2].sin()  # saves a view of squares: counts squares, 4000 bytes
+        (product.sum() + picked.sum()).backward()
+    assert saved.total == 4000 + 4000 + 400 + 4000
+    assert leaf.grad is not None and weight.grad is not None
+
+
+def test_estimated_step_memory_adds_the_loss_gradients_to_the_saved_activations():
+    import context_scaling
+
+    model = torch.nn.Linear(10, 10)  # 110 fp32 parameters: 440 bytes of weights
+    step = {"gradient_bytes": 40, "saved_bytes_flash": 1000, "loss_gradient_bytes": 500, "optimizer_bytes": 1200}
+    assert context_scaling.estimated_step_memory(model, step) == 440 + 40 + 1500
+    step["optimizer_bytes"] = 2000  # Adam's moments, created after backward, are the larger
+    assert context_scaling.estimated_step_memory(model, step) == 440 + 40 + 2000
