@@ -151,7 +151,7 @@ class SavedBytes:
 
     def pack(self, tensor):
         owner = tensor if tensor._base is None else tensor._base
-        if id(tensor) in self.parameters or id(owner) in self.parameters:
+        if id(owner) in self.parameters:  # a weight, or a view of one
             return tensor
         known = self.seen.get(id(owner))
         if known is not None and known() is owner:

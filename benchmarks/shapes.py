@@ -91,6 +91,16 @@ def english_text(tokenizer, num_tokens: int, seed: int) -> str:
     return tokenizer.decode(ids[:num_tokens])
 
 
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (it has `mallopt` and `malloc_trim`), else None."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 def keep_freed_memory(limit_bytes: int = 1 << 30) -> dict:
     """Ask glibc's malloc to keep freed blocks of up to `limit_bytes` for reuse instead of unmapping them.
 
@@ -101,9 +111,8 @@ def keep_freed_memory(limit_bytes: int = 1 << 30) -> dict:
     without a preloaded library. Applied to both paths of a timing benchmark (never to a memory benchmark, whose
     peaks it would blur). Returns what was set, for the results file; `{}` where the C library is not glibc.
     """
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "mallopt"):
+    libc = glibc()
+    if libc is None:
         return {}
     trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD in <malloc.h>
     if not (libc.mallopt(mmap_threshold, limit_bytes) and libc.mallopt(trim_threshold, 2 * limit_bytes)):

@@ -18,7 +18,6 @@ logits-sized gradients; all counted on the meta device) and its relative error. 
 """
 
 import argparse
-import ctypes
 import json
 import platform
 import resource
@@ -49,10 +48,11 @@ def resident_bytes() -> int:
 
 def release_free_memory() -> None:
     """glibc's malloc_trim(0): return freed heap memory to the system (a no-op elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    from shapes import glibc
+
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def reset_peak_resident() -> int:
