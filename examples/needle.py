@@ -437,11 +437,14 @@ def save_figures(report: dict, output_dir: Path) -> None:
                     j, i, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black", fontsize=8
                 )
         axis.set_xticks(range(len(DEPTHS)), [f"{d:.0%}" for d in DEPTHS])
-        axis.set_yticks(
-            range(len(PAGES)), [f"{p} ({p * CELLS_PER_PAGE // 1000}k chars)" if p > 2 else str(p) for p in PAGES]
-        )
         axis.set_xlabel("needle depth")
-        axis.set_ylabel("context pages")
+        if axis is axes[0][0]:  # the panels share their rows: labelled once, on the left
+            axis.set_yticks(
+                range(len(PAGES)), [f"{p} ({p * CELLS_PER_PAGE // 1000}k chars)" if p > 2 else str(p) for p in PAGES]
+            )
+            axis.set_ylabel("context pages")
+        else:
+            axis.set_yticks(range(len(PAGES)), [])
         axis.set_title(f"{name}: held-out exact match (%)")
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     figure.savefig(output_dir / "needle_heatmap.png", dpi=120, bbox_inches="tight")
