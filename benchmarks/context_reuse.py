@@ -18,14 +18,13 @@ Writes JSON and a PNG to `benchmarks/results/`.
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from generation import DTYPES, build, timed_generate, tokenizer_for, warm_up
-from shapes import LANGUAGE_MODELS, english_text
+from shapes import LANGUAGE_MODELS, english_text, machine
 from transformers import DynamicCache
 
 from visincontext.modeling_visincontext import CACHE_NAME
@@ -186,10 +185,7 @@ def main(argv=None) -> dict:
         dtype=args.dtype,
         device=args.device,
         threads=torch.get_num_threads(),
-        machine={
-            "platform": platform.platform(),
-            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        },
+        machine=machine(args.device),
         versions={"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     )
     if not all(result["identical_to_one_shot"].values()) or not all(result["unchanged_after_reuse"].values()):

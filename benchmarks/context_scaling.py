@@ -16,13 +16,13 @@ parameters + activations), and on a GPU `max_memory_allocated` and step time. Wr
 import argparse
 import contextlib
 import json
-import platform
 import random
 import time
 import weakref
 from pathlib import Path
 
 import torch
+from shapes import machine
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig
@@ -389,11 +389,7 @@ def main() -> None:
         device=device,
         seed=args.seed,
         lengths=args.lengths + extra,
-        machine={
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-        },
+        machine=machine(device),
         versions={"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         paper_figure_gb=PAPER_FIGURE,
     )

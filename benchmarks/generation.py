@@ -17,7 +17,6 @@ rendering starts to pay off for each tower. Writes JSON and a PNG to `benchmarks
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from shapes import (
     english_tokenizer,
     keep_freed_memory,
     language_model_config,
+    machine,
     vision_tower_config,
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -328,7 +328,8 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(
         f"Long-context generation: raw vs rendered ({result['language_model']}, {result['dtype']}, "
-        f"{result['device']}, {result['threads']} threads)"
+        f"{result['device']}, {result['threads']} threads, {result['machine']['cpu'] or 'CPU'}: "
+        f"bf16 matmuls on {result['machine']['bf16_matmul'] or 'plain FMA'})"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -389,11 +390,7 @@ def main(argv=None) -> dict:
         "decode_speedup": first["decode_speedup"],
         "prefill_speedup_at": {"context_tokens": args.lengths[0], "tower": args.towers[0]},
         **result,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        },
+        "machine": machine(args.device),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
     output.write_text(json.dumps(result, indent=2))

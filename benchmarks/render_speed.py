@@ -9,12 +9,12 @@ with 2 images and 4 pages of context per sample.
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from shapes import machine
 
 from visincontext.rendering_visincontext import TextRenderer
 
@@ -134,11 +134,7 @@ def main() -> None:
     ours_pages, ours_seconds = renderer_speed(renderer, text)
     assert pil_pages == ours_pages
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "versions": {"numpy": np.__version__, "pillow": Image.__version__},
         "preset": "default",
         "seed": 0,

@@ -19,7 +19,6 @@ logits-sized gradients; all counted on the meta device) and its relative error. 
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -294,6 +293,8 @@ def main(argv=None) -> dict | None:
         mode, length = args.point[0], int(args.point[1])
         print(json.dumps(run_point(args.language_model, args.tower, mode, length, args.device, args.seed)))
         return None
+    from shapes import machine
+
     output = Path(args.output or f"benchmarks/results/train_memory_{args.language_model}_{args.device}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     result = {
@@ -303,10 +304,7 @@ def main(argv=None) -> dict | None:
         "device": args.device,
         "dtype": "float32",
         **sweep(args),
-        "machine": {
-            "platform": platform.platform(),
-            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        },
+        "machine": machine(args.device),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
     output.write_text(json.dumps(result, indent=2))

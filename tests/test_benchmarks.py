@@ -78,6 +78,20 @@ def test_flops_crossover_is_interpolated_in_log_size():
     assert generation.crossover(points[:2]) is None
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [("fpu avx512f avx512_bf16 amx_bf16 amx_tile", "amx"), ("fpu avx512f avx512_bf16", "avx512_bf16"), ("fpu", None)],
+)
+def test_machine_names_the_cpu_and_its_bf16_matmul_instructions(tmp_path, flags, expected):
+    import shapes
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cores = "".join(f"processor\t: {i}\nmodel name\t: Example CPU 9000\nflags\t\t: {flags}\n\n" for i in range(2))
+    cpuinfo.write_text(cores)
+    described = shapes.machine("cpu", cpuinfo)
+    assert (described["cpu"], described["bf16_matmul"], described["gpu"]) == ("Example CPU 9000", expected, None)
+
+
 def test_context_reuse_answers_like_one_shot_and_keeps_its_state():
     import context_reuse
 
