@@ -111,7 +111,7 @@ def test_bash_blocks_run(workspace):
     lines = [line for body in blocks("bash")[2:] for line in command_lines(body)]  # after set-up and install
     runnable = [line for line in lines if line.startswith("python ")]
     launches = [line for line in lines if line.startswith("accelerate launch")]
-    assert len(runnable) == 7 and len(launches) == 2  # the launches: test_accelerate_launch_lines_run
+    assert len(runnable) == 8 and len(launches) == 2  # the launches: test_accelerate_launch_lines_run
     for line in runnable:
         args = shlex.split(substitute(line, workspace))
         args[0] = sys.executable
@@ -132,7 +132,7 @@ def test_bash_blocks_run(workspace):
                 str(workspace / "outputs" / "recall"),
                 "--quiet",
             ]
-        if "needle.py" in line:  # three steps per stage and one question per (pages, depth), not 75 minutes
+        if "needle.py" in line:  # three steps per stage and one question per (pages, depth), not 45 minutes
             output = workspace / "outputs" / ("needle-all" if "--baselines" not in line else "needle")
             args += ["--max-steps", "3", "--eval-every", "2", "--eval-per-cell", "1", "--output-dir", str(output)]
             args += ["--quiet"]
@@ -144,6 +144,8 @@ def test_bash_blocks_run(workspace):
         "raw",
     }
     assert (workspace / "outputs" / "needle" / "needle_heatmap.png").exists()
+    compression = json.loads((workspace / "outputs" / "needle-all" / "needle_compression.json").read_text())
+    assert [point["latents_per_page"] for point in compression["compression"]] == [196, 98, 49, 25]
     assert (workspace / "outputs" / "qlora" / "adapter" / "adapter_config.json").exists()
     assert (workspace / "outputs" / "recall" / "synthetic_recall_curves.png").exists()
 
