@@ -128,7 +128,7 @@ def machine(device: str = "cpu", cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     AVX512-BF16 only, and the tower's smaller matmuls gain less from AMX than the LM's, so ratios differ too."""
     import torch
 
-    cpu, flags = platform.processor(), set()
+    cpu, flags = "", set()
     if cpuinfo.exists():  # Linux; elsewhere the platform's processor name and no flags
         for line in cpuinfo.read_text().splitlines():
             key, _, value = line.partition(":")
@@ -139,7 +139,7 @@ def machine(device: str = "cpu", cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": cpu,
+        "cpu": cpu or platform.processor(),  # Linux's platform.processor() is "" or the architecture, not the model
         "bf16_matmul": "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else None,
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
     }
