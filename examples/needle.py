@@ -52,6 +52,7 @@ CELLS_PER_PAGE = (PAGE_SIZE // PATCH_SIZE) * (PAGE_SIZE // (PATCH_SIZE // 2))  #
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 CODES = 10_000
 RESULTS = Path(__file__).parent / "results"
+RESULTS_FORMAT = 2  # a stage's JSON keys; `--resume` runs a stage again whose results are of another format
 
 
 # ---- the task -------------------------------------------------------------------------------------------------
@@ -76,6 +77,11 @@ def is_held_out_code(code: int) -> bool:
     """One code in five is held out of training, by a hash: every digit still appears at every position in training
     (a rule such as `code % 5 == 0` would hold out every code ending in 0 or 5, which no model could then produce)."""
     return zlib.crc32(str(code).encode()) % 5 == 0
+
+
+def chance_level() -> float:
+    """Exact match when guessing: one of the held-out 4-digit codes, uniformly."""
+    return 1 / sum(is_held_out_code(code) for code in range(1000, CODES))
 
 
 def vault_and_code(rng: random.Random, held_out: bool) -> tuple[str, str]:
@@ -251,6 +257,30 @@ def exact_match(model, processor, samples: list[dict], mode: str, batch_size: in
     return hits
 
 
+@torch.no_grad()
+def digit_accuracy(model, processor, samples: list[dict], mode: str, batch_size: int = 16) -> list[float]:
+    """Teacher-forced reading of each code: the share of its 4 digits the model ranks first, each given the digits
+    before it (chance: about 1 in 10). It rises before exact match does, which needs all four at once."""
+    if mode == "raw":
+        raise ValueError("mode: digit accuracy is measured on context pages, not on the raw baseline")
+    was_training = model.training
+    model.eval()
+    shares = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = processor(
+            text=[f"{prompt_of(s)} {s['code']}" for s in chunk],
+            context=[context_for(processor, s, mode) for s in chunk],
+            return_tensors="pt",
+        )
+        codes = batch["input_ids"][:, -4:]  # the processor pads on the left: every text ends with its code
+        assert processor.batch_decode(codes) == [s["code"] for s in chunk]
+        predicted = model(**batch).logits[:, -5:-1].argmax(-1)
+        shares += (predicted == codes).float().mean(1).tolist()
+    model.train(was_training)
+    return shares
+
+
 def context_for(processor, sample: dict, mode: str) -> str:
     if mode == "blank":
         return blank_like(sample["context"])
@@ -365,8 +395,10 @@ def train(args) -> dict:
         "characters_per_latent": CELLS_PER_PAGE / num_latents,
         "curve": budget.curve,
         "settings": {name: getattr(args, name) for name in STAGE_SETTINGS},
+        "format": RESULTS_FORMAT,
     }
-    modes = [mode] + (["removed"] if mode == "rendered" else [])
+    # the main model's own controls: the needle's page taken out, and every page blank (what the prompt alone gives)
+    modes = [mode] + (["removed", "blank"] if mode == "rendered" else [])
     for evaluation_mode in modes:
         hits = exact_match(model, processor, final, evaluation_mode)
         grid = {
@@ -375,6 +407,8 @@ def train(args) -> dict:
         }
         key = "" if evaluation_mode == mode else f"{evaluation_mode}_"
         results[f"{key}held_out_exact_match"] = mean(hits)
+        if evaluation_mode != "raw":
+            results[f"{key}digit_accuracy"] = mean(digit_accuracy(model, processor, final, evaluation_mode))
         results[f"{key}accuracy_by_pages"] = {str(p): mean(list(grid[p].values())) for p in PAGES}
         results[f"{key}accuracy_by_pages_and_depth"] = {str(p): {str(d): v for d, v in grid[p].items()} for p in PAGES}
     return results
@@ -410,7 +444,7 @@ def run_stage(args, stage: str, **overrides) -> dict:
     settings = {name: overrides.get(name, getattr(args, name)) for name in STAGE_SETTINGS}
     if args.resume and output.exists():
         previous = json.loads(output.read_text())
-        if previous.get("settings") == settings:
+        if previous.get("settings") == settings and previous.get("format") == RESULTS_FORMAT:
             print(f"{stage}: reusing {output}", flush=True)
             return previous
     command = [sys.executable, __file__, "--stage", stage, "--stage-output", str(output)]
@@ -554,7 +588,7 @@ def main(argv=None) -> dict:
         results = train(args)
         Path(args.stage_output or output_dir / f"{args.stage}.json").write_text(json.dumps(results, indent=2))
         return results
-    chance = 1 / sum(is_held_out_code(code) for code in range(1000, CODES))  # a held-out code, guessed
+    chance = chance_level()
     if args.compression:
         points = []
         for latents in (196, 98, 49, 25):
@@ -595,6 +629,7 @@ def main(argv=None) -> dict:
         "accuracy_by_pages": rendered["accuracy_by_pages"],
         "held_out_exact_match": rendered["held_out_exact_match"],
         "needle_page_removed_accuracy": rendered["removed_held_out_exact_match"],
+        "blank_pages_accuracy": rendered["blank_held_out_exact_match"],
         "runs": runs,
     }
     (output_dir / "needle.json").write_text(json.dumps(report, indent=2))
@@ -604,7 +639,10 @@ def main(argv=None) -> dict:
             f"{name}: held-out exact match {100 * run['held_out_exact_match']:.1f}% after {run['steps']} steps "
             f"({run['training_minutes']} min); by pages {run['accuracy_by_pages']}"
         )
-    print(f"needle page removed: {100 * rendered['removed_held_out_exact_match']:.1f}%; chance {100 * chance:.2f}%")
+    print(
+        f"the rendered model with the needle page removed: {100 * rendered['removed_held_out_exact_match']:.1f}%, "
+        f"with blank pages: {100 * rendered['blank_held_out_exact_match']:.1f}%; chance {100 * chance:.2f}%"
+    )
     return report
 
 
