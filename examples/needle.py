@@ -14,7 +14,7 @@ Runs (each in its own process, so that its peak memory is its own):
 - `rendered`: the main run, haystacks as context pages;
 - `blank`: the same steps with blank pages (control: what the prompt alone gives);
 - `raw`: the same LM reading the haystack as tokens in its window, for the same wall-clock time (baseline);
-- evaluation controls of the main model: the needle's page removed from the context;
+- evaluation controls of the main model: the needle's page removed from the context, and every page blank;
 - `--compression`: shorter runs at 2, 4, 8 and 16 characters per latent (196, 98, 49 and 25 latents a page).
 
     python examples/needle.py                          # rendered + controls + raw baseline (about 45 minutes)

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import needle  # noqa: E402
 
-from visincontext.offline import default_processor  # noqa: E402
+from visincontext.offline import BYTE_VOCAB, default_processor  # noqa: E402
 from visincontext.rendering_visincontext import READING_CLASSES  # noqa: E402
 
 CLASS_CHARACTER = {0: " ", 1: "\N{REPLACEMENT CHARACTER}", **{i + 2: chr(0x21 + i) for i in range(READING_CLASSES - 2)}}
@@ -116,7 +116,7 @@ class NextTokenOracle(torch.nn.Module):
 
     def forward(self, input_ids, **kwargs):
         following = torch.roll(input_ids, -1, dims=1) + self.wrong_by
-        return SimpleNamespace(logits=torch.nn.functional.one_hot(following, 400).float())
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(following, BYTE_VOCAB + 3).float())
 
 
 def test_digit_accuracy_scores_each_digit_given_the_ones_before(processor):
