@@ -17,9 +17,12 @@ Runs (each in its own process, so that its peak memory is its own):
 - evaluation controls of the main model: the needle's page removed from the context, and every page blank;
 - `--compression`: shorter runs at 2, 4, 8 and 16 characters per latent (196, 98, 49 and 25 latents a page).
 
-    python examples/needle.py                          # rendered + controls + raw baseline (about 45 minutes)
+    python examples/needle.py                          # rendered (3,000 steps) + controls + raw baseline
     python examples/needle.py --compression            # the compression curve (4 x --compression-minutes)
-    python examples/needle.py --stage rendered --minutes 4 --output-dir /tmp/needle   # 1,800 steps: about 75%
+    python examples/needle.py --stage rendered --max-steps 1500 --output-dir /tmp/needle   # the rendered run alone
+
+The learning rate warms up for 100 steps, then decays along a cosine to 0 at the end of the budget: `--max-steps`
+or `--minutes`, whichever comes first (the raw baseline's budget is the rendered run's wall-clock time).
 
 Results: `examples/results/needle.json` (`accuracy_by_pages`, `chance`, ...), `needle_heatmap.png` (pages x depth,
 rendered and raw side by side), `needle_curves.png`, `needle_compression.png`, `needle_page.png`.
@@ -27,6 +30,7 @@ rendered and raw side by side), `needle_curves.png`, `needle_compression.png`, `
 
 import argparse
 import json
+import math
 import random
 import resource
 import shutil
@@ -48,11 +52,12 @@ from visincontext.training import VisInContextTrainer
 PAGES = (1, 2, 4, 8, 16)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PAGE_SIZE, PATCH_SIZE = 224, 16
-CELLS_PER_PAGE = (PAGE_SIZE // PATCH_SIZE) * (PAGE_SIZE // (PATCH_SIZE // 2))  # 14 rows x 28 columns
+CELLS_PER_PATCH = 2  # the processor's default cell width: half a patch
+CELLS_PER_PAGE = (PAGE_SIZE // PATCH_SIZE) * (PAGE_SIZE // PATCH_SIZE * CELLS_PER_PATCH)  # 14 rows x 28 columns
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 CODES = 10_000
 RESULTS = Path(__file__).parent / "results"
-RESULTS_FORMAT = 2  # a stage's JSON keys; `--resume` runs a stage again whose results are of another format
+RESULTS_FORMAT = 3  # a stage's JSON keys; `--resume` runs a stage again whose results are of another format
 
 
 # ---- the task -------------------------------------------------------------------------------------------------
@@ -82,6 +87,15 @@ def is_held_out_code(code: int) -> bool:
 def chance_level() -> float:
     """Exact match when guessing: one of the held-out 4-digit codes, uniformly."""
     return 1 / sum(is_held_out_code(code) for code in range(1000, CODES))
+
+
+# The evaluation's needle. Word wrapping puts its code in one of five columns of a 28-cell row (the needle word that
+# starts the code's line decides which), and only one of them, column 17 (9% of needles), is odd: there every patch
+# of two cells pairs a digit with something else (" 4", "82", "9."). A model trained on this needle alone read the
+# even columns and missed the odd one (seed 0: 3 of 22). Half the training needles say "was" instead of "is", one
+# character more, which moves the code to the other parity wherever it shares a line with the verb.
+NEEDLE = "The access code of vault {vault} is {code}."
+TRAINING_NEEDLES = (NEEDLE, "The access code of vault {vault} was {code}.")
 
 
 def vault_and_code(rng: random.Random, held_out: bool) -> tuple[str, str]:
@@ -118,21 +132,42 @@ class Haystacks:
     def sample(self, pages: int, depth: float | None = None) -> dict:
         """A haystack that renders into exactly `pages` pages, the needle at `depth` (0: first sentence, 1: last)."""
         name, code = vault_and_code(self.rng, self.held_out)
-        needle = f"The access code of vault {name} is {code}."
+        template = NEEDLE if self.held_out else self.rng.choice(TRAINING_NEEDLES)
+        needle = template.format(vault=name, code=code)
         depth = self.rng.random() if depth is None else depth
         target = int(pages * CELLS_PER_PAGE * 0.88) - len(needle)
         sentences = self.filler(target)
         for _ in range(1000):  # add or drop a sentence until the text fills exactly `pages` pages
             position = round(depth * len(sentences))
             text = " ".join(sentences[:position] + [needle] + sentences[position:])
-            count = len(self.processor.renderer.render(text))
-            if count == pages:
+            rendered = self.processor.renderer.render(text)
+            count = len(rendered)
+            if count == pages and not rendered.truncated:  # (a text cut to `max_pages` would lose its needle)
                 break
             if count < pages:
                 sentences += self.filler(60)
             else:
                 sentences.pop(self.rng.randrange(len(sentences)))
-        return {"context": text, "needle": needle, "vault": name, "code": code, "depth": depth, "pages": pages}
+        else:
+            raise RuntimeError(f"no haystack of {pages} pages with its needle at depth {depth} in 1000 tries")
+        return {
+            "context": text,
+            "needle": needle,
+            "vault": name,
+            "code": code,
+            "depth": depth,
+            "pages": pages,
+            "column": code_column(rendered, code),
+        }
+
+
+def code_column(rendered, code: str) -> int:
+    """The column of the row in which the code's first digit is drawn."""
+    for cells in rendered.cells:
+        row_text = "".join(chr(c) if c else " " for c in cells.reshape(-1))
+        if f"{code}." in row_text:
+            return row_text.index(f"{code}.") % cells.shape[1]
+    raise ValueError(f"code: {code} is on no page")
 
 
 def prompt_of(sample: dict) -> str:
@@ -185,6 +220,17 @@ def build_processor():
     processor.image_processor.image_mean = [1.0, 1.0, 1.0]
     processor.image_processor.image_std = [10.0, 10.0, 10.0]
     return processor
+
+
+def reading_cells_per_latent(num_latents: int) -> int:
+    """The run of cells each latent spells out: the fewest whole patches that let `num_latents` latents cover a page
+    (64 latents: 8 cells, four patches, and the last 15 latents read blank cells).
+
+    A run that ends inside a patch leaves that patch's two characters to two latents. With 7 cells a latent (64
+    latents, every cell read), seed 0 learned to read every code except one whose digit sat in the last cell of a
+    run, the left half of a shared patch (1 hit in 23 such training haystacks; 86% held out)."""
+    patches = -(-CELLS_PER_PAGE // (num_latents * CELLS_PER_PATCH))
+    return patches * CELLS_PER_PATCH
 
 
 def build_model(seed: int, num_latents: int, cells_per_latent: int, reading_loss_weight: float):
@@ -292,30 +338,60 @@ def context_for(processor, sample: dict, mode: str) -> str:
 
 
 class Budget(TrainerCallback):
-    """Stops at the time budget and records held-out exact match every `eval_every` steps."""
+    """A run's budget: `max_steps` or `minutes`, whichever ends first. It sets the learning rate (linear warm-up,
+    then a cosine decay to 0 over the budget's progress, so that a run cut by either limit ends with its learning
+    rate decayed), stops training at the end, and records held-out exact match every `eval_every` steps."""
 
-    def __init__(self, model, processor, samples, mode, minutes, eval_every):
+    def __init__(self, model, processor, samples, mode, max_steps, minutes, eval_every, warmup_steps=100):
         self.model, self.processor, self.samples, self.mode = model, processor, samples, mode
-        self.minutes, self.eval_every, self.start, self.curve = minutes, eval_every, time.time(), []
-        self.step_times = []
+        self.max_steps, self.minutes, self.eval_every, self.warmup_steps = max_steps, minutes, eval_every, warmup_steps
+        self.start, self.curve, self.step_times = None, [], []
+
+    def elapsed_minutes(self) -> float:
+        return 0.0 if self.start is None else (time.time() - self.start) / 60
+
+    def progress(self, step: int) -> float:
+        """How much of the budget is spent, from 0 to 1."""
+        return min(1.0, max(step / self.max_steps, self.elapsed_minutes() / self.minutes))
+
+    def learning_rate_factor(self, step: int) -> float:
+        """The multiplier of the peak learning rate at `step` (a `LambdaLR` function)."""
+        warmup = min(1.0, (step + 1) / self.warmup_steps)
+        return warmup * 0.5 * (1.0 + math.cos(math.pi * self.progress(step)))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.time()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_times.append(time.perf_counter() - self.step_start)
-        minutes = (time.time() - self.start) / 60
         if state.global_step % self.eval_every == 0:
             hits = exact_match(self.model, self.processor, self.samples, self.mode)
             point = {
                 "step": state.global_step,
-                "minutes": round(minutes, 2),
+                "minutes": round(self.elapsed_minutes(), 2),
                 "held_out_exact_match": sum(hits) / len(hits),
             }
             self.curve.append(point)
             print(json.dumps(point), flush=True)
-        if minutes >= self.minutes:
+        if self.progress(state.global_step) >= 1.0:
             control.should_training_stop = True
+
+
+class BudgetTrainer(VisInContextTrainer):
+    """The package's `Trainer`, with the learning rate schedule of a `Budget` (steps or minutes)."""
+
+    def __init__(self, *args, budget: Budget, **kwargs):
+        super().__init__(*args, callbacks=[budget], **kwargs)
+        self.budget = budget
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            optimizer = self.optimizer if optimizer is None else optimizer
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.budget.learning_rate_factor)
+        return self.lr_scheduler
 
 
 class RawStream(torch.utils.data.IterableDataset):
@@ -341,13 +417,13 @@ def train(args) -> dict:
     torch.set_num_threads(args.threads)
     processor = build_processor()
     num_latents = args.latents
-    cells = -(-CELLS_PER_PAGE // num_latents)
+    cells = reading_cells_per_latent(num_latents)
     mode = {"rendered": "rendered", "blank": "blank", "raw": "raw"}[args.stage]
     model = build_model(
         args.seed, num_latents, cells, reading_loss_weight=0.0 if mode == "raw" else args.reading_loss_weight
     )
     curve_set = evaluation_set(processor, args.seed + 1, per_cell=1, pages=(1, 4, 16), depths=(0.0, 0.5, 1.0))
-    budget = Budget(model, processor, curve_set, mode, args.minutes, args.eval_every)
+    budget = Budget(model, processor, curve_set, mode, args.max_steps, args.minutes, args.eval_every)
     if mode == "raw":
         dataset, collator = RawStream(processor, args.seed, args.max_train_pages), VisInContextCollator(processor)
     else:
@@ -359,8 +435,6 @@ def train(args) -> dict:
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=100,
         weight_decay=0.0,
         max_grad_norm=1.0,
         logging_steps=50,
@@ -372,13 +446,13 @@ def train(args) -> dict:
         remove_unused_columns=False,
         disable_tqdm=args.quiet,
     )
-    trainer = VisInContextTrainer(
+    trainer = BudgetTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[budget],
+        budget=budget,
     )
     started = time.time()
     trainer.train()
@@ -411,6 +485,15 @@ def train(args) -> dict:
             results[f"{key}digit_accuracy"] = mean(digit_accuracy(model, processor, final, evaluation_mode))
         results[f"{key}accuracy_by_pages"] = {str(p): mean(list(grid[p].values())) for p in PAGES}
         results[f"{key}accuracy_by_pages_and_depth"] = {str(p): {str(d): v for d, v in grid[p].items()} for p in PAGES}
+        if evaluation_mode == mode:  # where word wrapping put the code: each column's questions and accuracy
+            columns = sorted({s["column"] for s in final})
+            results["accuracy_by_code_column"] = {
+                str(c): {
+                    "questions": sum(s["column"] == c for s in final),
+                    "accuracy": mean(h for h, s in zip(hits, final) if s["column"] == c),
+                }
+                for c in columns
+            }
     return results
 
 
@@ -534,13 +617,28 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=["rendered", "blank", "raw"], default=None, help="run one stage only")
     parser.add_argument("--stage-output", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--minutes", type=float, default=12.0, help="training budget of the rendered run")
-    parser.add_argument("--max-steps", type=int, default=1_000_000)
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=3000,
+        help="training steps of the rendered run (the learning rate decays over them)",
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=60.0,
+        help="a cap on the rendered run's training time; the first limit reached ends it",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--reading-loss-weight", type=float, default=1.0)
-    parser.add_argument("--latents", type=int, default=64, help="latents per page (64: 6 characters each, 8 cells)")
+    parser.add_argument(
+        "--latents",
+        type=int,
+        default=64,
+        help="latents per page (64: each spells 8 cells, 6.1 characters a latent over the page)",
+    )
     parser.add_argument(
         "--max-train-pages",
         type=int,
@@ -592,7 +690,14 @@ def main(argv=None) -> dict:
     if args.compression:
         points = []
         for latents in (196, 98, 49, 25):
-            point = run_stage(args, "rendered", latents=latents, minutes=args.compression_minutes, suffix=f"-{latents}")
+            point = run_stage(
+                args,
+                "rendered",
+                latents=latents,
+                max_steps=10**9,
+                minutes=args.compression_minutes,
+                suffix=f"-{latents}",
+            )
             points.append(
                 {
                     k: point[k]
@@ -618,7 +723,7 @@ def main(argv=None) -> dict:
     if "blank" in args.baselines:  # the same number of steps
         runs["blank"] = run_stage(args, "blank", max_steps=runs["rendered"]["steps"], minutes=10_000)
     if "raw" in args.baselines:  # the same wall-clock time
-        runs["raw"] = run_stage(args, "raw", minutes=runs["rendered"]["training_minutes"])
+        runs["raw"] = run_stage(args, "raw", max_steps=10**9, minutes=runs["rendered"]["training_minutes"])
     rendered = runs["rendered"]
     report = {
         "task": "generate the 4-digit access code of the vault a question names, from haystacks of 1-16 rendered "

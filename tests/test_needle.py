@@ -1,7 +1,9 @@
 """examples/needle.py: the needle-in-a-haystack experiment on the package's default page layout (issue: needle)."""
 
+import math
 import re
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,10 +69,10 @@ def test_held_out_vaults_codes_and_words_never_reach_training(processor):
     training_codes = set()
     for _ in range(60):
         sample = needle.training_sample(haystacks, max_pages=4, blank=False)
-        vault, code = re.search(r"vault ([A-Z]-\d\d) is (\d{4})\.", sample["context"]).groups()
+        vault, verb, code = re.search(r"vault ([A-Z]-\d\d) (is|was) (\d{4})\.", sample["context"]).groups()
         assert not needle.is_held_out_vault(vault) and not needle.is_held_out_code(int(code))
         assert sample["text"] == f" {code}<|endofchunk|>" and vault in sample["prompt"]
-        filler = set(re.findall(r"[a-z]+", sample["context"].replace(f"vault {vault} is {code}", "").lower()))
+        filler = set(re.findall(r"[a-z]+", sample["context"].replace(f"vault {vault} {verb} {code}", "").lower()))
         assert not (filler - {"the", "access", "code", "of"}) & held_out_words
         training_codes.add(code)
     for sample in needle.evaluation_set(processor, seed=1, per_cell=1):
@@ -87,6 +89,51 @@ def test_every_digit_is_trained_at_every_position_of_a_code():
     assert 0.15 < len(held_out) / (len(held_out) + len(training)) < 0.25
     for position in range(4):
         assert {code[position] for code in training} == set("0123456789"[1 if position == 0 else 0 :])
+
+
+def test_training_codes_land_in_columns_of_both_parities_and_evaluation_asks_the_one_needle(processor):
+    """With the evaluation's needle alone, word wrapping puts 9% of codes in an odd column (where every two-cell patch
+    pairs a digit with something else); the training needles' second phrasing puts a third or more there."""
+    haystacks = needle.Haystacks(processor, held_out=False, seed=7)
+    columns = [haystacks.sample(1)["column"] for _ in range(200)]
+    assert 0.25 < sum(c % 2 for c in columns) / len(columns) < 0.6
+    for sample in needle.evaluation_set(processor, seed=7, per_cell=2, pages=(1, 2)):
+        assert sample["needle"] == needle.NEEDLE.format(vault=sample["vault"], code=sample["code"])
+        page = processor.render(sample["context"]).cells
+        row = next(r for p in page for r in p if sample["code"] in "".join(chr(c) if c else " " for c in r))
+        assert "".join(chr(c) if c else " " for c in row).index(sample["code"]) == sample["column"]
+
+
+def test_the_budget_warms_up_then_decays_to_zero_by_steps_or_by_time():
+    budget = needle.Budget(None, None, [], "rendered", max_steps=1000, minutes=1e9, eval_every=100, warmup_steps=100)
+    assert budget.learning_rate_factor(0) == pytest.approx(0.01)
+    assert budget.learning_rate_factor(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.099)))
+    assert budget.learning_rate_factor(500) == pytest.approx(0.5)
+    assert budget.learning_rate_factor(1000) == 0.0 and budget.progress(1000) == 1.0
+    timed = needle.Budget(None, None, [], "raw", max_steps=10**9, minutes=2.0, eval_every=100)
+    timed.start = time.time() - 60  # one of two minutes spent
+    assert timed.progress(200) == pytest.approx(0.5, abs=0.01)
+    assert timed.learning_rate_factor(200) == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("num_latents, cells", [(64, 8), (196, 2), (98, 4), (49, 8), (25, 16), (392, 2)])
+def test_each_latent_reads_whole_patches_and_the_latents_cover_the_page(num_latents, cells):
+    assert needle.reading_cells_per_latent(num_latents) == cells
+    assert cells % needle.CELLS_PER_PATCH == 0 and num_latents * cells >= needle.CELLS_PER_PAGE
+    assert num_latents * (cells - needle.CELLS_PER_PATCH) < needle.CELLS_PER_PAGE  # one patch fewer would not
+
+
+def test_a_haystack_is_never_cut_at_the_page_limit(processor):
+    """The renderer cuts a text longer than `max_pages` (16 here) to 16 pages, which would lose a needle at depth 1.
+    A sampler that starts with too much filler must drop sentences until the whole text fits, not keep the cut."""
+    haystacks = needle.Haystacks(processor, held_out=True, seed=5)
+    first_filler = haystacks.filler
+    haystacks.filler = lambda characters: first_filler(2 * characters)  # start at about 30 pages
+    sample = haystacks.sample(16, 1.0)
+    rendered = processor.renderer.render(sample["context"])
+    assert len(rendered) == 16 and not rendered.truncated
+    last_page = "".join(chr(c) if c else " " for c in rendered.cells[-1].reshape(-1))
+    assert f"{sample['code']}." in last_page
 
 
 def test_the_needle_sits_at_the_depth_asked(processor):
