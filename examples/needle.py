@@ -694,7 +694,6 @@ def main(argv=None) -> dict:
                 args,
                 "rendered",
                 latents=latents,
-                max_steps=10**9,
                 minutes=args.compression_minutes,
                 suffix=f"-{latents}",
             )
