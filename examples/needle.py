@@ -91,9 +91,10 @@ def chance_level() -> float:
 
 # The evaluation's needle. Word wrapping puts its code in one of five columns of a 28-cell row (the needle word that
 # starts the code's line decides which), and only one of them, column 17 (9% of needles), is odd: there every patch
-# of two cells pairs a digit with something else (" 4", "82", "9."). A model trained on this needle alone read the
-# even columns and missed the odd one (seed 0: 3 of 22). Half the training needles say "was" instead of "is", one
-# character more, which moves the code to the other parity wherever it shares a line with the verb.
+# of two cells pairs a digit with something else (" 4", "82", "9."). Trained on this needle alone (seed 0, 3,000
+# steps), a model read 138 of 138 held-out codes in even columns and 11 of 22 in column 17 (3 of 22 with 7-cell
+# reading runs). Half the training needles say "was" instead of "is", one character more, which moves the code to
+# the other parity wherever it shares a line with the verb (odd columns: 39% of training codes instead of 9-15%).
 NEEDLE = "The access code of vault {vault} is {code}."
 TRAINING_NEEDLES = (NEEDLE, "The access code of vault {vault} was {code}.")
 
@@ -227,8 +228,9 @@ def reading_cells_per_latent(num_latents: int) -> int:
     (64 latents: 8 cells, four patches, and the last 15 latents read blank cells).
 
     A run that ends inside a patch leaves that patch's two characters to two latents. With 7 cells a latent (64
-    latents, every cell read), seed 0 learned to read every code except one whose digit sat in the last cell of a
-    run, the left half of a shared patch (1 hit in 23 such training haystacks; 86% held out)."""
+    latents, every cell read), the last digit of a code in column 17 is the last cell of a run, the left half of a
+    patch whose right half the next latent spells; seed 0 (3,000 steps) got that digit wrong in 19 of 22 held-out
+    codes there and read 138 of 138 in the other columns."""
     patches = -(-CELLS_PER_PAGE // (num_latents * CELLS_PER_PATCH))
     return patches * CELLS_PER_PATCH
 
@@ -339,12 +341,18 @@ def context_for(processor, sample: dict, mode: str) -> str:
 
 class Budget(TrainerCallback):
     """A run's budget: `max_steps` or `minutes`, whichever ends first. It sets the learning rate (linear warm-up,
-    then a cosine decay to 0 over the budget's progress, so that a run cut by either limit ends with its learning
-    rate decayed), stops training at the end, and records held-out exact match every `eval_every` steps."""
+    then with `schedule="cosine"` a cosine decay to 0 over the budget's progress, so that a run cut by either limit
+    ends with its learning rate decayed; with `"constant"` none), stops training at the end, and records held-out
+    exact match every `eval_every` steps."""
 
-    def __init__(self, model, processor, samples, mode, max_steps, minutes, eval_every, warmup_steps=100):
+    def __init__(
+        self, model, processor, samples, mode, max_steps, minutes, eval_every, warmup_steps=100, schedule="cosine"
+    ):
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule: expected 'cosine' or 'constant', got {schedule!r}")
         self.model, self.processor, self.samples, self.mode = model, processor, samples, mode
         self.max_steps, self.minutes, self.eval_every, self.warmup_steps = max_steps, minutes, eval_every, warmup_steps
+        self.schedule = schedule
         self.start, self.curve, self.step_times = None, [], []
 
     def elapsed_minutes(self) -> float:
@@ -357,6 +365,8 @@ class Budget(TrainerCallback):
     def learning_rate_factor(self, step: int) -> float:
         """The multiplier of the peak learning rate at `step` (a `LambdaLR` function)."""
         warmup = min(1.0, (step + 1) / self.warmup_steps)
+        if self.schedule == "constant":
+            return warmup
         return warmup * 0.5 * (1.0 + math.cos(math.pi * self.progress(step)))
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -423,7 +433,9 @@ def train(args) -> dict:
         args.seed, num_latents, cells, reading_loss_weight=0.0 if mode == "raw" else args.reading_loss_weight
     )
     curve_set = evaluation_set(processor, args.seed + 1, per_cell=1, pages=(1, 4, 16), depths=(0.0, 0.5, 1.0))
-    budget = Budget(model, processor, curve_set, mode, args.max_steps, args.minutes, args.eval_every)
+    budget = Budget(
+        model, processor, curve_set, mode, args.max_steps, args.minutes, args.eval_every, schedule=args.lr_schedule
+    )
     if mode == "raw":
         dataset, collator = RawStream(processor, args.seed, args.max_train_pages), VisInContextCollator(processor)
     else:
@@ -511,6 +523,7 @@ STAGE_SETTINGS = (
     "seed",
     "batch_size",
     "learning_rate",
+    "lr_schedule",
     "reading_loss_weight",
     "latents",
     "max_train_pages",
@@ -632,6 +645,12 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--lr-schedule",
+        choices=["cosine", "constant"],
+        default="cosine",
+        help="after 100 warm-up steps: decay to 0 over the budget (cosine) or stay at the peak (constant)",
+    )
     parser.add_argument("--reading-loss-weight", type=float, default=1.0)
     parser.add_argument(
         "--latents",
@@ -722,7 +741,8 @@ def main(argv=None) -> dict:
     if "blank" in args.baselines:  # the same number of steps
         runs["blank"] = run_stage(args, "blank", max_steps=runs["rendered"]["steps"], minutes=10_000)
     if "raw" in args.baselines:  # the same wall-clock time
-        runs["raw"] = run_stage(args, "raw", max_steps=10**9, minutes=runs["rendered"]["training_minutes"])
+        minutes = max(runs["rendered"]["training_minutes"], 0.01)  # (rounded to 0.01: a few steps can round to 0)
+        runs["raw"] = run_stage(args, "raw", max_steps=10**9, minutes=minutes)
     rendered = runs["rendered"]
     report = {
         "task": "generate the 4-digit access code of the vault a question names, from haystacks of 1-16 rendered "

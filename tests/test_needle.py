@@ -114,6 +114,10 @@ def test_the_budget_warms_up_then_decays_to_zero_by_steps_or_by_time():
     timed.start = time.time() - 60  # one of two minutes spent
     assert timed.progress(200) == pytest.approx(0.5, abs=0.01)
     assert timed.learning_rate_factor(200) == pytest.approx(0.5, abs=0.02)
+    constant = needle.Budget(None, None, [], "rendered", 1000, 1e9, 100, warmup_steps=100, schedule="constant")
+    assert constant.learning_rate_factor(49) == pytest.approx(0.5) and constant.learning_rate_factor(999) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        needle.Budget(None, None, [], "rendered", 1000, 1e9, 100, schedule="linear")
 
 
 @pytest.mark.parametrize("num_latents, cells", [(64, 8), (196, 2), (98, 4), (49, 8), (25, 16), (392, 2)])
@@ -175,7 +179,15 @@ def test_digit_accuracy_scores_each_digit_given_the_ones_before(processor):
 
 
 @pytest.mark.parametrize(
-    "argument", [["--minutes", "0"], ["--reading-loss-weight", "-1"], ["--max-train-pages", "17"], ["--latents", "0"]]
+    "argument",
+    [
+        ["--minutes", "0"],
+        ["--max-steps", "0"],
+        ["--reading-loss-weight", "-1"],
+        ["--max-train-pages", "17"],
+        ["--latents", "0"],
+        ["--lr-schedule", "linear"],
+    ],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, argument):
     with pytest.raises(SystemExit):
