@@ -89,14 +89,13 @@ def chance_level() -> float:
     return 1 / sum(is_held_out_code(code) for code in range(1000, CODES))
 
 
-# The evaluation's needle. Word wrapping puts its code in one of five columns of a 28-cell row (the needle word that
-# starts the code's line decides which), and only one of them, column 17 (9% of needles), is odd: there every patch
-# of two cells pairs a digit with something else (" 4", "82", "9."). Trained on this needle alone (seed 0, 3,000
-# steps), a model read 138 of 138 held-out codes in even columns and 11 of 22 in column 17 (3 of 22 with 7-cell
-# reading runs). Half the training needles say "was" instead of "is", one character more, which moves the code to
-# the other parity wherever it shares a line with the verb (odd columns: 39% of training codes instead of 9-15%).
+# The needle. Word wrapping puts its code in one of five columns of a 28-cell row (the needle word that starts the
+# code's line decides which), and only one of them, column 17 (9% of needles), is odd: there every patch of two cells
+# pairs a digit with something else (" 4", "82", "9."). Column 17 is where seed 0 misses most (11 of 22 held-out codes
+# there, 138 of 138 in even columns, 3,000 steps); each run reports `accuracy_by_code_column`. A second training
+# phrasing ("was", one character longer, which moves codes to odd columns in 39% of training haystacks) read column
+# 17 better (78%) but the rest worse, 87% in all against 89.5%, and delayed learning: the one phrasing stays.
 NEEDLE = "The access code of vault {vault} is {code}."
-TRAINING_NEEDLES = (NEEDLE, "The access code of vault {vault} was {code}.")
 
 
 def vault_and_code(rng: random.Random, held_out: bool) -> tuple[str, str]:
@@ -133,8 +132,7 @@ class Haystacks:
     def sample(self, pages: int, depth: float | None = None) -> dict:
         """A haystack that renders into exactly `pages` pages, the needle at `depth` (0: first sentence, 1: last)."""
         name, code = vault_and_code(self.rng, self.held_out)
-        template = NEEDLE if self.held_out else self.rng.choice(TRAINING_NEEDLES)
-        needle = template.format(vault=name, code=code)
+        needle = NEEDLE.format(vault=name, code=code)
         depth = self.rng.random() if depth is None else depth
         target = int(pages * CELLS_PER_PAGE * 0.88) - len(needle)
         sentences = self.filler(target)

@@ -69,10 +69,10 @@ def test_held_out_vaults_codes_and_words_never_reach_training(processor):
     training_codes = set()
     for _ in range(60):
         sample = needle.training_sample(haystacks, max_pages=4, blank=False)
-        vault, verb, code = re.search(r"vault ([A-Z]-\d\d) (is|was) (\d{4})\.", sample["context"]).groups()
+        vault, code = re.search(r"vault ([A-Z]-\d\d) is (\d{4})\.", sample["context"]).groups()
         assert not needle.is_held_out_vault(vault) and not needle.is_held_out_code(int(code))
         assert sample["text"] == f" {code}<|endofchunk|>" and vault in sample["prompt"]
-        filler = set(re.findall(r"[a-z]+", sample["context"].replace(f"vault {vault} {verb} {code}", "").lower()))
+        filler = set(re.findall(r"[a-z]+", sample["context"].replace(f"vault {vault} is {code}", "").lower()))
         assert not (filler - {"the", "access", "code", "of"}) & held_out_words
         training_codes.add(code)
     for sample in needle.evaluation_set(processor, seed=1, per_cell=1):
@@ -91,17 +91,14 @@ def test_every_digit_is_trained_at_every_position_of_a_code():
         assert {code[position] for code in training} == set("0123456789"[1 if position == 0 else 0 :])
 
 
-def test_training_codes_land_in_columns_of_both_parities_and_evaluation_asks_the_one_needle(processor):
-    """With the evaluation's needle alone, word wrapping puts 9% of codes in an odd column (where every two-cell patch
-    pairs a digit with something else); the training needles' second phrasing puts a third or more there."""
-    haystacks = needle.Haystacks(processor, held_out=False, seed=7)
-    columns = [haystacks.sample(1)["column"] for _ in range(200)]
-    assert 0.25 < sum(c % 2 for c in columns) / len(columns) < 0.6
+def test_each_sample_records_the_column_of_its_code(processor):
+    columns = []
     for sample in needle.evaluation_set(processor, seed=7, per_cell=2, pages=(1, 2)):
-        assert sample["needle"] == needle.NEEDLE.format(vault=sample["vault"], code=sample["code"])
         page = processor.render(sample["context"]).cells
         row = next(r for p in page for r in p if sample["code"] in "".join(chr(c) if c else " " for c in r))
         assert "".join(chr(c) if c else " " for c in row).index(sample["code"]) == sample["column"]
+        columns.append(sample["column"])
+    assert len(set(columns)) >= 3  # word wrapping moves the code around the row
 
 
 def test_the_budget_warms_up_then_decays_to_zero_by_steps_or_by_time():
