@@ -425,7 +425,7 @@ def train(args) -> dict:
     torch.set_num_threads(args.threads)
     processor = build_processor()
     num_latents = args.latents
-    cells = reading_cells_per_latent(num_latents)
+    cells = args.cells_per_latent or reading_cells_per_latent(num_latents)
     mode = {"rendered": "rendered", "blank": "blank", "raw": "raw"}[args.stage]
     model = build_model(
         args.seed, num_latents, cells, reading_loss_weight=0.0 if mode == "raw" else args.reading_loss_weight
@@ -524,6 +524,7 @@ STAGE_SETTINGS = (
     "lr_schedule",
     "reading_loss_weight",
     "latents",
+    "cells_per_latent",
     "max_train_pages",
     "eval_every",
     "eval_per_cell",
@@ -543,7 +544,8 @@ def run_stage(args, stage: str, **overrides) -> dict:
             return previous
     command = [sys.executable, __file__, "--stage", stage, "--stage-output", str(output)]
     for name, value in settings.items():
-        command += [f"--{name.replace('_', '-')}", str(value)]
+        if value is not None:  # (None: the default, derived in the stage)
+            command += [f"--{name.replace('_', '-')}", str(value)]
     command += ["--output-dir", args.output_dir] + (["--quiet"] if args.quiet else [])
     subprocess.run(command, check=True)
     return json.loads(output.read_text())
@@ -657,6 +659,12 @@ def parse_args(argv=None):
         help="latents per page (64: each spells 8 cells, 6.1 characters a latent over the page)",
     )
     parser.add_argument(
+        "--cells-per-latent",
+        type=int,
+        default=None,
+        help="page cells each latent spells (default: the fewest whole patches that cover the page)",
+    )
+    parser.add_argument(
         "--max-train-pages",
         type=int,
         default=1,
@@ -690,6 +698,12 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
     if args.reading_loss_weight < 0:
         parser.error(f"--reading-loss-weight: expected a number >= 0, got {args.reading_loss_weight}")
+    cells = args.cells_per_latent
+    if cells is not None and (cells <= 0 or cells * args.latents < CELLS_PER_PAGE):
+        parser.error(
+            f"--cells-per-latent: expected at least {-(-CELLS_PER_PAGE // args.latents)} (the {args.latents} latents "
+            f"must cover the page's {CELLS_PER_PAGE} cells), got {args.cells_per_latent}"
+        )
     if not 1 <= args.max_train_pages <= max(PAGES):
         parser.error(f"--max-train-pages: expected 1 to {max(PAGES)}, got {args.max_train_pages}")
     return args
@@ -711,6 +725,7 @@ def main(argv=None) -> dict:
                 args,
                 "rendered",
                 latents=latents,
+                cells_per_latent=None,
                 minutes=args.compression_minutes,
                 suffix=f"-{latents}",
             )

@@ -184,6 +184,7 @@ def test_digit_accuracy_scores_each_digit_given_the_ones_before(processor):
         ["--max-train-pages", "17"],
         ["--latents", "0"],
         ["--lr-schedule", "linear"],
+        ["--cells-per-latent", "6"],  # 64 latents x 6 cells leave 8 of the page's 392 cells unread
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, argument):
@@ -195,14 +196,16 @@ def test_bad_arguments_are_refused(tmp_path, capsys, argument):
 
 @pytest.mark.slow
 def test_a_short_run_reads_the_code_from_real_pages_and_not_from_blank_ones(tmp_path):
-    """The reduced recipe (one-page haystacks, batch 8, 1,500 steps: about 2 minutes on 2 cores) through the
-    package's collator and `Trainer`. Exact match comes after about 2,000 steps, so this asks for the earlier signal:
-    each held-out code's digits, teacher-forced, are read far above chance (1 in 10) from the real pages, and not
-    with every page blank or with the needle's page taken out."""
-    arguments = ["--stage", "rendered", "--max-steps", "1500", "--minutes", "100", "--batch-size", "8"]
+    """The recipe cut short (one-page haystacks, batch 16, 2,000 steps at a constant learning rate: about 16 minutes
+    on this 2-core machine, where a step takes 0.46 s) through the package's collator and `Trainer`. Retrieval starts
+    between steps 1,500 and 2,000 (in every run so far), so this asks for the first signal: each held-out code's
+    digits, teacher-forced, are read far above chance (1 in 10) from the real pages, and not with every page blank
+    or with the needle's page taken out. (Batch 8 and 1,500 steps, 2 minutes on an earlier machine, stayed at the
+    digit prior here: too close to the start of retrieval to be a test.)"""
+    arguments = ["--stage", "rendered", "--lr-schedule", "constant", "--max-steps", "2000", "--minutes", "100"]
     arguments += ["--eval-every", "100000", "--eval-per-cell", "1", "--quiet", "--output-dir", str(tmp_path)]
     results = needle.main(arguments)
-    assert results["steps"] == 1500
-    assert results["digit_accuracy"] >= 0.3, results["digit_accuracy"]  # 0.46 here
+    assert results["steps"] == 2000
+    assert results["digit_accuracy"] >= 0.3, results["digit_accuracy"]  # DIGITS here
     assert results["blank_digit_accuracy"] <= 0.2, results["blank_digit_accuracy"]
     assert results["removed_digit_accuracy"] <= 0.2, results["removed_digit_accuracy"]
