@@ -206,6 +206,6 @@ def test_a_short_run_reads_the_code_from_real_pages_and_not_from_blank_ones(tmp_
     arguments += ["--eval-every", "100000", "--eval-per-cell", "1", "--quiet", "--output-dir", str(tmp_path)]
     results = needle.main(arguments)
     assert results["steps"] == 2000
-    assert results["digit_accuracy"] >= 0.3, results["digit_accuracy"]  # DIGITS here
+    assert results["digit_accuracy"] >= 0.3, results["digit_accuracy"]  # 0.68 here (exact match 20%)
     assert results["blank_digit_accuracy"] <= 0.2, results["blank_digit_accuracy"]
     assert results["removed_digit_accuracy"] <= 0.2, results["removed_digit_accuracy"]
