@@ -129,12 +129,15 @@ class Haystacks:
             length += len(sentence) + 1
         return sentences
 
-    def sample(self, pages: int, depth: float | None = None) -> dict:
-        """A haystack that renders into exactly `pages` pages, the needle at `depth` (0: first sentence, 1: last)."""
+    def sample(self, pages: int, depth: float | None = None, fill: float = 1.0) -> dict:
+        """A haystack that renders into exactly `pages` pages, the needle at `depth` (0: first sentence, 1: last),
+        its last page about `fill` full (1: as full as word wrapping allows; 0: the needle alone on it)."""
+        if not 0.0 <= fill <= 1.0:
+            raise ValueError(f"fill: expected a fraction of a page from 0 to 1, got {fill}")
         name, code = vault_and_code(self.rng, self.held_out)
         needle = NEEDLE.format(vault=name, code=code)
         depth = self.rng.random() if depth is None else depth
-        target = int(pages * CELLS_PER_PAGE * 0.88) - len(needle)
+        target = int((pages - 1 + fill) * CELLS_PER_PAGE * 0.88) - len(needle)
         sentences = self.filler(target)
         for _ in range(1000):  # add or drop a sentence until the text fills exactly `pages` pages
             position = round(depth * len(sentences))
@@ -178,9 +181,17 @@ def training_pages(rng: random.Random, max_pages: int) -> int:
     return rng.randint(1, min(2, max_pages)) if rng.random() < 0.5 else rng.randint(1, max_pages)
 
 
-def training_sample(haystacks: Haystacks, max_pages: int, blank: bool) -> dict:
+def training_fill(rng: random.Random, partial_page_share: float) -> float:
+    """How full a training haystack's last page is: a `partial_page_share` of them are filled to a uniform random
+    fraction (the needle stands among fewer words, and retrieval starts earlier), the others in full."""
+    if partial_page_share and rng.random() < partial_page_share:  # (no draw at 0: the stream stays the same)
+        return rng.random()
+    return 1.0
+
+
+def training_sample(haystacks: Haystacks, max_pages: int, blank: bool, partial_page_share: float = 0.0) -> dict:
     pages = training_pages(haystacks.rng, max_pages)
-    sample = haystacks.sample(pages)
+    sample = haystacks.sample(pages, fill=training_fill(haystacks.rng, partial_page_share))
     return {
         "images": [],
         "prompt": prompt_of(sample),
@@ -195,13 +206,14 @@ def blank_like(text: str) -> str:
 
 
 class SampleStream(torch.utils.data.IterableDataset):
-    def __init__(self, processor, seed: int, max_pages: int, blank: bool):
+    def __init__(self, processor, seed: int, max_pages: int, blank: bool, partial_page_share: float = 0.0):
         self.processor, self.seed, self.max_pages, self.blank = processor, seed, max_pages, blank
+        self.partial_page_share = partial_page_share
 
     def __iter__(self):
         haystacks = Haystacks(self.processor, held_out=False, seed=self.seed)
         while True:
-            yield training_sample(haystacks, self.max_pages, self.blank)
+            yield training_sample(haystacks, self.max_pages, self.blank, self.partial_page_share)
 
 
 def evaluation_set(processor, seed: int, per_cell: int, pages=PAGES, depths=DEPTHS) -> list[dict]:
@@ -405,13 +417,15 @@ class BudgetTrainer(VisInContextTrainer):
 class RawStream(torch.utils.data.IterableDataset):
     """The raw-text baseline's samples: the haystack as tokens, then the question; trained on the answer."""
 
-    def __init__(self, processor, seed: int, max_pages: int):
+    def __init__(self, processor, seed: int, max_pages: int, partial_page_share: float = 0.0):
         self.processor, self.seed, self.max_pages = processor, seed, max_pages
+        self.partial_page_share = partial_page_share
 
     def __iter__(self):
         haystacks = Haystacks(self.processor, held_out=False, seed=self.seed)
         while True:
-            sample = haystacks.sample(training_pages(haystacks.rng, self.max_pages))
+            pages = training_pages(haystacks.rng, self.max_pages)
+            sample = haystacks.sample(pages, fill=training_fill(haystacks.rng, self.partial_page_share))
             yield {
                 "images": [],
                 "prompt": sample["context"] + "\n" + prompt_of(sample),
@@ -435,9 +449,11 @@ def train(args) -> dict:
         model, processor, curve_set, mode, args.max_steps, args.minutes, args.eval_every, schedule=args.lr_schedule
     )
     if mode == "raw":
-        dataset, collator = RawStream(processor, args.seed, args.max_train_pages), VisInContextCollator(processor)
+        dataset = RawStream(processor, args.seed, args.max_train_pages, args.partial_page_share)
+        collator = VisInContextCollator(processor)
     else:
-        dataset = SampleStream(processor, args.seed, args.max_train_pages, blank=mode == "blank")
+        blank = mode == "blank"
+        dataset = SampleStream(processor, args.seed, args.max_train_pages, blank, args.partial_page_share)
         collator = VisInContextCollator(processor, reading_layout=(num_latents, cells))
     scratch = tempfile.mkdtemp(prefix=f"needle-{args.stage}-")
     training_args = TrainingArguments(
@@ -526,6 +542,7 @@ STAGE_SETTINGS = (
     "latents",
     "cells_per_latent",
     "max_train_pages",
+    "partial_page_share",
     "eval_every",
     "eval_per_cell",
     "threads",
@@ -670,6 +687,12 @@ def parse_args(argv=None):
         default=1,
         help="longest training haystack in pages (1: the model trains on one page and is asked about 1 to 16)",
     )
+    parser.add_argument(
+        "--partial-page-share",
+        type=float,
+        default=0.0,
+        help="share of training haystacks whose last page is filled only to a random fraction (0 to 1)",
+    )
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-per-cell", type=int, default=8, help="held-out questions per (pages, depth)")
     parser.add_argument("--threads", type=int, default=2)
@@ -704,6 +727,8 @@ def parse_args(argv=None):
             f"--cells-per-latent: expected at least {-(-CELLS_PER_PAGE // args.latents)} (the {args.latents} latents "
             f"must cover the page's {CELLS_PER_PAGE} cells), got {args.cells_per_latent}"
         )
+    if not 0.0 <= args.partial_page_share <= 1.0:
+        parser.error(f"--partial-page-share: expected a fraction from 0 to 1, got {args.partial_page_share}")
     if not 1 <= args.max_train_pages <= max(PAGES):
         parser.error(f"--max-train-pages: expected 1 to {max(PAGES)}, got {args.max_train_pages}")
     return args

@@ -1,6 +1,7 @@
 """examples/needle.py: the needle-in-a-haystack experiment on the package's default page layout (issue: needle)."""
 
 import math
+import random
 import re
 import sys
 import time
@@ -9,6 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -147,6 +150,31 @@ def test_the_needle_sits_at_the_depth_asked(processor):
         assert 0.3 < position < 0.7 and len(processor.render(middle["context"])) == pages
 
 
+@settings(max_examples=40, deadline=None)
+@given(fill=st.floats(0.0, 1.0), depth=st.floats(0.0, 1.0), seed=st.integers(0, 10_000))
+def test_a_partly_filled_page_holds_the_needle_at_its_depth_among_fewer_words(processor, fill, depth, seed):
+    sample = needle.Haystacks(processor, held_out=False, seed=seed).sample(1, depth, fill=fill)
+    context, page_characters = sample["context"], needle.CELLS_PER_PAGE * 0.88
+    assert len(processor.render(context)) == 1 and context.count(sample["needle"]) == 1
+    # about `fill` of a full page's text (a filler sentence is at most about 120 characters)
+    assert abs(len(context) - max(fill * page_characters, len(sample["needle"]))) < 130, (len(context), fill)
+    if fill * page_characters < len(sample["needle"]):
+        assert context == sample["needle"]
+
+
+def test_a_share_of_training_pages_is_partly_filled_and_no_share_leaves_the_stream_as_it_was(processor):
+    rng = random.Random(0)
+    state = rng.getstate()
+    assert needle.training_fill(rng, 0.0) == 1.0 and rng.getstate() == state  # no draw: the seed-0 stream stays
+    for share, expected in ((0.0, 0.0), (0.5, 0.5), (1.0, 1.0)):
+        haystacks = needle.Haystacks(processor, held_out=False, seed=11)
+        lengths = [len(needle.training_sample(haystacks, 1, False, share)["context"]) for _ in range(80)]
+        partly = sum(length < 0.8 * needle.CELLS_PER_PAGE * 0.88 for length in lengths) / len(lengths)
+        assert abs(partly - 0.8 * expected) < 0.2, (share, partly)  # (a uniform fill is under 0.8 in 80% of pages)
+    with pytest.raises(ValueError, match="fill"):
+        needle.Haystacks(processor, held_out=False, seed=0).sample(1, fill=1.5)
+
+
 def test_controls_hide_the_needle(processor):
     sample = needle.Haystacks(processor, held_out=True, seed=4).sample(4, 0.5)
     blank = needle.context_for(processor, sample, "blank")
@@ -184,7 +212,8 @@ def test_digit_accuracy_scores_each_digit_given_the_ones_before(processor):
         ["--max-train-pages", "17"],
         ["--latents", "0"],
         ["--lr-schedule", "linear"],
-        ["--cells-per-latent", "6"],  # 64 latents x 6 cells leave 8 of the page's 392 cells unread
+        ["--cells-per-latent", "6"],
+        ["--partial-page-share", "1.5"],  # 64 latents x 6 cells leave 8 of the page's 392 cells unread
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, argument):
