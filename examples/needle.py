@@ -189,9 +189,14 @@ def training_fill(rng: random.Random, partial_page_share: float) -> float:
     return 1.0
 
 
-def training_sample(haystacks: Haystacks, max_pages: int, blank: bool, partial_page_share: float = 0.0) -> dict:
+def training_haystack(haystacks: Haystacks, max_pages: int, partial_page_share: float) -> dict:
+    """One training haystack, as the rendered runs and the raw baseline both draw it."""
     pages = training_pages(haystacks.rng, max_pages)
-    sample = haystacks.sample(pages, fill=training_fill(haystacks.rng, partial_page_share))
+    return haystacks.sample(pages, fill=training_fill(haystacks.rng, partial_page_share))
+
+
+def training_sample(haystacks: Haystacks, max_pages: int, blank: bool, partial_page_share: float = 0.0) -> dict:
+    sample = training_haystack(haystacks, max_pages, partial_page_share)
     return {
         "images": [],
         "prompt": prompt_of(sample),
@@ -424,8 +429,7 @@ class RawStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         haystacks = Haystacks(self.processor, held_out=False, seed=self.seed)
         while True:
-            pages = training_pages(haystacks.rng, self.max_pages)
-            sample = haystacks.sample(pages, fill=training_fill(haystacks.rng, self.partial_page_share))
+            sample = training_haystack(haystacks, self.max_pages, self.partial_page_share)
             yield {
                 "images": [],
                 "prompt": sample["context"] + "\n" + prompt_of(sample),

@@ -212,8 +212,8 @@ def test_digit_accuracy_scores_each_digit_given_the_ones_before(processor):
         ["--max-train-pages", "17"],
         ["--latents", "0"],
         ["--lr-schedule", "linear"],
-        ["--cells-per-latent", "6"],
-        ["--partial-page-share", "1.5"],  # 64 latents x 6 cells leave 8 of the page's 392 cells unread
+        ["--cells-per-latent", "6"],  # 64 latents x 6 cells leave 8 of the page's 392 cells unread
+        ["--partial-page-share", "1.5"],
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, argument):
