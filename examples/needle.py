@@ -6,18 +6,21 @@ package's processor with its default layout (224x224 pages, rows one 16-px patch
 392 characters a page) into 1 to 16 pages, and a small VisInContext model (a random 2-layer ViT, resamplers,
 cross-attention and a 2-layer byte-level Llama, all trained here from scratch) learns through the package's
 collator and `Trainer`, with its reading objective on (`reading_loss_weight`: each latent spells out the
-characters of its page cells). Held out: vault names, codes and filler words never seen in training. By default
-it trains on one-page haystacks only (`--max-train-pages 1`) and is asked about 1 to 16: every page becomes
-latents of its own that the question's cross-attention searches, and what holds for one page held for 16 here.
+characters of its page cells). A page has 98 latents, each spelling a run of 4 cells (two patches), so that every
+row of 28 cells is exactly seven latents and a word sits at the same place of a latent's run on every row. Held
+out: vault names, codes and filler words never seen in training. By default it trains on one-page haystacks only
+(`--max-train-pages 1`), half of them partly filled, and is asked about 1 to 16: every page becomes latents of its
+own that the question's cross-attention searches, and what holds for one page held for 16 here.
 
 Runs (each in its own process, so that its peak memory is its own):
 - `rendered`: the main run, haystacks as context pages;
-- `blank`: the same steps with blank pages (control: what the prompt alone gives);
 - `raw`: the same LM reading the haystack as tokens in its window, for the same wall-clock time (baseline);
+- `blank` (with `--baselines blank raw`): the same steps with blank pages (control: what the prompt alone gives);
 - evaluation controls of the main model: the needle's page removed from the context, and every page blank;
 - `--compression`: shorter runs at 2, 4, 8 and 16 characters per latent (196, 98, 49 and 25 latents a page).
 
-    python examples/needle.py                          # rendered (3,000 steps) + controls + raw baseline
+    python examples/needle.py                          # rendered (2,000 steps) + controls + raw baseline
+    python examples/needle.py --baselines blank raw    # and a model trained on blank pages for the same steps
     python examples/needle.py --compression            # the compression curve (4 x --compression-minutes)
     python examples/needle.py --stage rendered --max-steps 1500 --output-dir /tmp/needle   # the rendered run alone
 
@@ -90,11 +93,12 @@ def chance_level() -> float:
 
 
 # The needle. Word wrapping puts its code in one of five columns of a 28-cell row (the needle word that starts the
-# code's line decides which), and only one of them, column 17 (9% of needles), is odd: there every patch of two cells
-# pairs a digit with something else (" 4", "82", "9."). Column 17 is where seed 0 misses most (11 of 22 held-out codes
-# there, 138 of 138 in even columns, 3,000 steps); each run reports `accuracy_by_code_column`. A second training
-# phrasing ("was", one character longer, which moves codes to odd columns in 39% of training haystacks) read column
-# 17 better (78%) but the rest worse, 87% in all against 89.5%, and delayed learning: the one phrasing stays.
+# code's line decides which), and only one of them, column 17 (9-14% of needles), is odd: there every patch of two
+# cells pairs a digit with something else (" 4", "82", "9."). It is where seed 0 misses most (2,000 steps: 70% of
+# 27 held-out codes there, 92-100% in the other columns; seed 1 read all 19 of its own); each run reports
+# `accuracy_by_code_column`. With 64 latents a page, a second training phrasing ("was", one character longer, which
+# moves codes to odd columns in 39% of training haystacks) read column 17 better but the rest worse, 87% in all
+# against 89.5%, and delayed learning: the one phrasing stays.
 NEEDLE = "The access code of vault {vault} is {code}."
 
 
@@ -240,7 +244,8 @@ def build_processor():
 
 def reading_cells_per_latent(num_latents: int) -> int:
     """The run of cells each latent spells out: the fewest whole patches that let `num_latents` latents cover a page
-    (64 latents: 8 cells, four patches, and the last 15 latents read blank cells).
+    (98 latents: 4 cells, two patches, and a 28-cell row is exactly 7 runs; 64 latents: 8 cells, four patches, the
+    last 15 latents read blank cells, and a row starts at a different place of a run on even and odd rows).
 
     A run that ends inside a patch leaves that patch's two characters to two latents. With 7 cells a latent (64
     latents, every cell read), the last digit of a code in column 17 is the last cell of a run, the left half of a
@@ -654,7 +659,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--max-steps",
         type=int,
-        default=3000,
+        default=2000,
         help="training steps of the rendered run (the learning rate decays over them)",
     )
     parser.add_argument(
@@ -676,8 +681,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--latents",
         type=int,
-        default=64,
-        help="latents per page (64: each spells 8 cells, 6.1 characters a latent over the page)",
+        default=98,
+        help="latents per page (98: each spells 4 cells, two patches; a page row is exactly 7 of them)",
     )
     parser.add_argument(
         "--cells-per-latent",
@@ -694,14 +699,19 @@ def parse_args(argv=None):
     parser.add_argument(
         "--partial-page-share",
         type=float,
-        default=0.0,
+        default=0.5,
         help="share of training haystacks whose last page is filled only to a random fraction (0 to 1)",
     )
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-per-cell", type=int, default=8, help="held-out questions per (pages, depth)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--baselines", nargs="*", choices=["blank", "raw"], default=["blank", "raw"], help="runs beside the main one"
+        "--baselines",
+        nargs="*",
+        choices=["blank", "raw"],
+        default=["raw"],
+        help="runs beside the main one: the raw-text baseline, and a model trained on blank pages (a control beside "
+        "the main model's own blank-page and needle-removed evaluations)",
     )
     parser.add_argument("--compression", action="store_true", help="the compression curve instead")
     parser.add_argument("--compression-minutes", type=float, default=4.0, help="training budget of each point")

@@ -133,18 +133,20 @@ def test_bash_blocks_run(workspace):
                 "--quiet",
             ]
         if "needle.py" in line:  # three steps per stage and one question per (pages, depth), not 45 minutes
-            output = workspace / "outputs" / ("needle-all" if "--baselines" not in line else "needle")
+            output = workspace / "outputs" / ("needle-blank" if "--baselines" in line else "needle")
             args += ["--max-steps", "3", "--eval-every", "2", "--eval-per-cell", "1", "--output-dir", str(output)]
             args += ["--quiet"]
         run(args, workspace)
     assert (workspace / "outputs" / "eval" / "results.md").exists()
-    assert set(json.loads((workspace / "outputs" / "needle-all" / "needle.json").read_text())["runs"]) == {
+    runs = json.loads((workspace / "outputs" / "needle" / "needle.json").read_text())["runs"]
+    assert set(runs) == {"rendered", "raw"}
+    assert set(json.loads((workspace / "outputs" / "needle-blank" / "needle.json").read_text())["runs"]) == {
         "rendered",
         "blank",
         "raw",
     }
     assert (workspace / "outputs" / "needle" / "needle_heatmap.png").exists()
-    compression = json.loads((workspace / "outputs" / "needle-all" / "needle_compression.json").read_text())
+    compression = json.loads((workspace / "outputs" / "needle" / "needle_compression.json").read_text())
     assert [point["latents_per_page"] for point in compression["compression"]] == [196, 98, 49, 25]
     assert (workspace / "outputs" / "qlora" / "adapter" / "adapter_config.json").exists()
     assert (workspace / "outputs" / "recall" / "synthetic_recall_curves.png").exists()
