@@ -17,7 +17,8 @@ Runs (each in its own process, so that its peak memory is its own):
 - `raw`: the same LM reading the haystack as tokens in its window, for the same wall-clock time (baseline);
 - `blank` (with `--baselines blank raw`): the same steps with blank pages (control: what the prompt alone gives);
 - evaluation controls of the main model: the needle's page removed from the context, and every page blank;
-- `--compression`: shorter runs at 2, 4, 8 and 16 characters per latent (196, 98, 49 and 25 latents a page).
+- `--compression`: runs of the same minutes each (`--compression-minutes`, 7) at 2, 4, 8 and 16 characters per
+  latent (196, 98, 49 and 25 latents a page).
 
     python examples/needle.py                          # rendered (2,000 steps) + controls + raw baseline
     python examples/needle.py --baselines blank raw    # and a model trained on blank pages for the same steps
@@ -636,13 +637,12 @@ def save_compression(report: dict, output_dir: Path) -> None:
 
     points = report["compression"]
     figure, axis = plt.subplots(figsize=(6, 3.8))
-    for pages in ("1", "4", "16"):
-        axis.plot(
-            [p["characters_per_latent"] for p in points],
-            [100 * p["accuracy_by_pages"][pages] for p in points],
-            "o-",
-            label=f"{pages} pages",
-        )
+    characters = [p["characters_per_latent"] for p in points]
+    axis.plot(characters, [100 * p["held_out_exact_match"] for p in points], "k-", linewidth=3, label="all lengths")
+    # lengths can score the same at every point: smaller markers and other dashes keep each line visible
+    for (pages, style), size in zip((("1", "o-"), ("4", "s--"), ("16", "^:")), (9, 6, 4)):
+        accuracy = [100 * p["accuracy_by_pages"][pages] for p in points]
+        axis.plot(characters, accuracy, style, markersize=size, label=f"{pages} page{'s' if pages != '1' else ''}")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("characters per latent (392 a page)")
     axis.set_ylabel("held-out exact match (%)")
@@ -714,7 +714,7 @@ def parse_args(argv=None):
         "the main model's own blank-page and needle-removed evaluations)",
     )
     parser.add_argument("--compression", action="store_true", help="the compression curve instead")
-    parser.add_argument("--compression-minutes", type=float, default=4.0, help="training budget of each point")
+    parser.add_argument("--compression-minutes", type=float, default=7.0, help="training budget of each point")
     parser.add_argument("--output-dir", default=str(RESULTS))
     parser.add_argument("--resume", action="store_true", help="reuse stages already run with the same settings")
     parser.add_argument("--quiet", action="store_true")
