@@ -229,7 +229,7 @@ def test_bad_arguments_are_refused(tmp_path, capsys, argument):
 def test_a_short_run_reads_the_code_from_real_pages_and_not_from_blank_ones(tmp_path):
     """The recipe cut short through the package's collator and `Trainer`: one-page haystacks, each filled to a random
     fraction (`--partial-page-share 1`: the language model leaves the digit prior sooner), batch 16, 700 steps at a
-    constant learning rate, about 2.5 minutes of training on this 2-core machine (0.21 s a step). Retrieval has just
+    constant learning rate, about 2.7 minutes of training on this 2-core machine (0.21 s a step). Retrieval has just
     started there, so this asks for the first signal: each held-out code's digits, teacher-forced, are read far above
     chance (1 in 10) from real, full pages, and not with every page blank or with the needle's page taken out. Seed 0,
     two threads: 16% of the digits at step 500, 34% at 600, 43% at 700, 67% at 800 (needle's page removed 8-16%,

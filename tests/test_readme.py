@@ -138,13 +138,11 @@ def test_bash_blocks_run(workspace):
             args += ["--quiet"]
         run(args, workspace)
     assert (workspace / "outputs" / "eval" / "results.md").exists()
-    runs = json.loads((workspace / "outputs" / "needle" / "needle.json").read_text())["runs"]
-    assert set(runs) == {"rendered", "raw"}
-    assert set(json.loads((workspace / "outputs" / "needle-blank" / "needle.json").read_text())["runs"]) == {
-        "rendered",
-        "blank",
-        "raw",
+    needle_runs = {
+        folder: set(json.loads((workspace / "outputs" / folder / "needle.json").read_text())["runs"])
+        for folder in ("needle", "needle-blank")
     }
+    assert needle_runs == {"needle": {"rendered", "raw"}, "needle-blank": {"rendered", "blank", "raw"}}
     assert (workspace / "outputs" / "needle" / "needle_heatmap.png").exists()
     compression = json.loads((workspace / "outputs" / "needle" / "needle_compression.json").read_text())
     assert [point["latents_per_page"] for point in compression["compression"]] == [196, 98, 49, 25]
