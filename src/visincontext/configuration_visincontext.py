@@ -127,7 +127,20 @@ class VisInContextConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # A sub-config given as an object is the config of a loaded backbone (`from_backbones`), whose attention
+        # implementation `from_pretrained` has resolved. `PreTrainedConfig` sets the top-level implementation, `None`
+        # unless one is asked for, on every sub-config in place: that would leave the backbone's own attention
+        # unmasked ("None" falls back to unmasked attention). Without an explicit request, each keeps its own.
+        resolved = {
+            key: value._attn_implementation
+            for key in self.sub_configs_defaults
+            if isinstance(value := getattr(self, key), PreTrainedConfig)
+        }
         super().__post_init__(**kwargs)
+        if kwargs.get("attn_implementation") is None:
+            for key, implementation in resolved.items():
+                if implementation is not None:
+                    getattr(self, key)._attn_implementation = implementation
         # Language models keep `tie_word_embeddings` in their own config; the top-level flag is the one
         # `PreTrainedModel.tie_weights` reads (same workaround as LLaVA).
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):

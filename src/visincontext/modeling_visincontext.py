@@ -16,6 +16,7 @@ import copy
 import inspect
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -577,6 +578,19 @@ NEW_MODULES = (
 )
 
 
+def _resolve_attention(backbone: PreTrainedModel) -> None:
+    """Gives a backbone whose config has no attention implementation the one its own `__init__` would pick (SDPA
+    where it can run, eager otherwise). A config with `None` there makes transformers' attention run unmasked: a
+    backbone built from one config and placed under another (e.g. `VisInContextConfig(text_config=lm.config)` with
+    `attn_implementation=None`) can end up so."""
+    if backbone.config._attn_implementation is not None:
+        return
+    try:
+        backbone.set_attn_implementation("sdpa")
+    except (ValueError, ImportError):
+        backbone.set_attn_implementation("eager")
+
+
 class VisInContextPreTrainedModel(PreTrainedModel):
     config: VisInContextConfig
     config_class = VisInContextConfig
@@ -690,6 +704,8 @@ class VisInContextModel(VisInContextPreTrainedModel):
         self.language_model = (
             language_model if language_model is not None else AutoModel.from_config(config.text_config)
         )
+        for backbone in (self.vision_tower, self.language_model):
+            _resolve_attention(backbone)
         self._wrap_language_model()
         self.post_init()
         self._freeze_backbones()
@@ -1353,13 +1369,31 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         take the ids the language model's tokenizer gives them (as `VisInContextProcessor.from_backbones`
         does). Extra keyword arguments go to `VisInContextConfig` (e.g. `cross_attention_every=4`).
         `language_model_kwargs` go to the LM's `from_pretrained` (e.g. `gguf_file`, `dtype`).
+
+        `attn_implementation` works as in `from_pretrained`: a string for every part, or a dict keyed by `""` (the
+        resamplers and cross-attention), `"vision_config"` and `"text_config"`; each backbone otherwise gets the
+        library's default (SDPA where it can run), as its own `from_pretrained` gives it.
         """
         for name, value in (("vision_model", vision_model), ("language_model", language_model)):
             if not isinstance(value, str):
                 raise TypeError(f"{name}: expected a Hub id or a local folder (str), got {type(value).__name__}")
-        vision_model_kwargs, language_model_kwargs = vision_model_kwargs or {}, language_model_kwargs or {}
-        vision_tower = load_vision_tower(vision_model, **vision_model_kwargs)
+        vision_model_kwargs, language_model_kwargs = dict(vision_model_kwargs or {}), dict(language_model_kwargs or {})
+        attn_implementation = config_kwargs.pop("attn_implementation", None)
+        if attn_implementation is not None and not isinstance(attn_implementation, (str, dict)):
+            raise TypeError(
+                f"attn_implementation: expected a string or a dict, got {type(attn_implementation).__name__}"
+            )
+        requested = attn_implementation if isinstance(attn_implementation, dict) else {"": attn_implementation}
+        for kwargs, key in ((vision_model_kwargs, "vision_config"), (language_model_kwargs, "text_config")):
+            wanted = requested.get(key, requested.get(""))
+            if wanted is not None:  # each backbone checks its own (e.g. that flash-attn is installed)
+                kwargs.setdefault("attn_implementation", wanted)
+        if requested.get("") is not None:
+            config_kwargs["attn_implementation"] = {"": requested[""]}
         causal_lm = AutoModelForCausalLM.from_pretrained(language_model, **language_model_kwargs)
+        # one dtype for the whole model, the one its saved folder loads back in
+        vision_model_kwargs.setdefault("dtype", causal_lm.dtype)
+        vision_tower = load_vision_tower(vision_model, **vision_model_kwargs)
         tokenizer_kwargs = {k: v for k, v in language_model_kwargs.items() if k in ("gguf_file", "revision", "token")}
         tokenizer = AutoTokenizer.from_pretrained(language_model, **tokenizer_kwargs)
         tokenizer.add_tokens([IMAGE_TOKEN, END_OF_CHUNK_TOKEN], special_tokens=True)
@@ -1373,15 +1407,31 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             end_of_chunk_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN),
             **config_kwargs,
         )
-        # built around the loaded modules (as transformers' EncoderDecoderModel is): no weights are copied or renamed
-        model = cls(config, vision_tower=vision_tower, language_model=causal_lm).to(causal_lm.dtype)
+        # Built around the loaded modules (as transformers' EncoderDecoderModel is): no weights are copied or renamed.
+        # The new parts are made in the LM's dtype, as `from_pretrained` makes a model: casting the whole model
+        # afterwards would also cast the buffers the LM keeps in float32 (its rotary frequencies).
+        with _default_dtype(causal_lm.dtype):
+            model = cls(config, vision_tower=vision_tower, language_model=causal_lm)
+        config.dtype = causal_lm.dtype
         # generation follows the LM's generation_config.json (its eos, sampling defaults), padded by the tokenizer's
         model.generation_config = copy.deepcopy(causal_lm.generation_config)
         if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         stop_at_end_of_chunk(model.generation_config, config.end_of_chunk_token_id)
         model._freeze_backbones()
-        return model
+        return model.eval()  # as `from_pretrained` returns a model (dropout off until `train()`, as Trainer calls)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """New parameters are made in `dtype` inside (integer and quantised dtypes leave the default as it is)."""
+    previous = torch.get_default_dtype()
+    if dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def stop_at_end_of_chunk(generation_config, end_of_chunk_token_id: int) -> None:

@@ -202,8 +202,8 @@ def build_model_and_processor(args: ModelArguments, data_args: DataArguments):
             num_latents=args.num_latents,
             **({} if args.reading_loss_weight is None else {"reading_loss_weight": args.reading_loss_weight}),
             freeze_language_model=args.freeze_language_model,
+            attn_implementation=args.attn_implementation,
         )
-        model.set_attn_implementation(args.attn_implementation)
         processor = VisInContextProcessor.from_backbones(args.vision_model, args.language_model)
     elif args.vision_model or args.language_model:
         raise ValueError("vision_model / language_model: pass both to build a new model, or --model_name_or_path")
