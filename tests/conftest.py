@@ -22,3 +22,19 @@ def smollm2():
     pytest.importorskip("gguf")
     folder = Path(spec.submodule_search_locations[0])
     return folder, next(folder.glob("*.gguf")).name
+
+
+@pytest.fixture(autouse=True)
+def _invariant_tests_fail_on_library_warnings(request):
+    """In tests marked `invariant`, a warning from transformers (or from the model, or Python's `warnings`) fails the
+    test: transformers announces its silent fallbacks in one-line warnings (an attention implementation of `None`
+    did). A test that means a warning catches it itself (`pytest.warns`, `library_warnings`)."""
+    if request.node.get_closest_marker("invariant") is None:
+        yield
+        return
+    from model_invariants import library_warnings
+
+    with library_warnings() as said:
+        yield
+    if said:
+        pytest.fail("library warnings in an invariant test:\n" + "\n".join(said), pytrace=False)

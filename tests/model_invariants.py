@@ -26,20 +26,25 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 LOGGERS = ("transformers", "transformers_modules", "visincontext")
 
 
+_ACTIVE: list[list[str]] = []  # the record lists of the `library_warnings` blocks open now, innermost last
+
+
 class _Collect(logging.Handler):
     def __init__(self, records: list):
         super().__init__(level=logging.WARNING)
         self.records = records
 
     def emit(self, record):
-        self.records.append(f"{record.name}: {record.getMessage()}")
+        if _ACTIVE and _ACTIVE[-1] is self.records:  # a block inside another takes what is said inside it
+            self.records.append(f"{record.name}: {record.getMessage()}")
 
 
 @contextmanager
 def library_warnings():
     """Collects, as strings, what transformers' (and the model's) loggers say at WARNING or above and every Python
     warning raised inside. transformers says many things once per process (`warning_once`): its memory is cleared
-    first, so that a warning already given earlier in the same process is given again here."""
+    first, so that a warning already given earlier in the same process is given again here. Blocks nest: what is
+    said inside an inner block is the inner block's only (a test explains the warnings it means to cause)."""
     import transformers.utils.logging as hf_logging
 
     once = getattr(logging.Logger.warning_once, "cache_clear", None)
@@ -53,12 +58,14 @@ def library_warnings():
         logger.addHandler(handler)
         logger.setLevel(min(logger.getEffectiveLevel(), logging.WARNING))
     hf_logging.disable_progress_bar()
+    _ACTIVE.append(records)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield records
         records.extend(f"{w.category.__name__}: {w.message}" for w in caught)
     finally:
+        _ACTIVE.pop()
         hf_logging.enable_progress_bar()
         for logger, level in zip(loggers, levels):
             logger.removeHandler(handler)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_invariants import bare_lm
+from model_invariants import bare_lm, library_warnings
 from tiny import EOC_ID, IMAGE_ID, VOCAB, open_gates, sample_batch, tiny_config, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CLIPVisionModel
 
@@ -114,13 +114,16 @@ def test_cache_under_either_name():
         past_chunk_ids=prefill.chunk_ids[:, -1],
         use_cache=True,
     )
-    results = []
+    results, said = [], {}
     for name in ("cache", "past_key_values"):
         cache = DynamicCache(config=model.config.text_config)
-        with torch.no_grad():
+        with torch.no_grad(), library_warnings() as said[name]:
             model(**batch, **{name: cache}, use_cache=True)
             results.append(model(**step, **{name: cache}).logits)
     assert torch.equal(results[0], results[1])
+    # the old name is deprecated where the installed transformers renamed it, as transformers' own models say
+    deprecation = "FutureWarning: `past_key_values` is deprecated since transformers 5.24: pass the KV cache as `cache`"
+    assert said == {"cache": [], "past_key_values": [deprecation] * 2 if CACHE_NAME == "cache" else []}
     with pytest.raises(ValueError, match="cache"):
         model(**batch, cache=DynamicCache(config=model.config.text_config), past_key_values=DynamicCache())
 
@@ -512,7 +515,10 @@ def test_missing_weights_are_initialised_like_a_fresh_model(tmp_path):
         tmp_path / "model.safetensors",
         metadata={"format": "pt"},
     )
-    reloaded = VisInContextForConditionalGeneration.from_pretrained(tmp_path)
+    with library_warnings() as said:
+        reloaded = VisInContextForConditionalGeneration.from_pretrained(tmp_path)
+    # transformers reports the missing weights, by name
+    assert len(said) == 1 and "LOAD REPORT" in said[0], said
     state = reloaded.state_dict()
     for key in dropped:
         assert torch.isfinite(state[key]).all(), key

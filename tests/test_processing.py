@@ -4,10 +4,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
+from model_invariants import library_warnings
 from PIL import Image
 from tiny import IMAGE_ID, open_gates, tiny_model, tiny_processor
 from transformers import AutoProcessor
@@ -23,6 +25,14 @@ def images(n, seed=0):
 @pytest.fixture(scope="module")
 def processor():
     return tiny_processor(max_pages=5)
+
+
+@contextmanager
+def cutting_context():
+    """CONTEXT is longer than max_pages=5: the processor says it cuts it (and nothing else may be said)."""
+    with library_warnings() as said:
+        yield
+    assert said and all("exceed max_pages=5; overflow='keep_end' cut" in w for w in said), said
 
 
 def test_batch_padding_and_masks(processor):
@@ -56,12 +66,13 @@ def test_batch_padding_and_masks(processor):
 @pytest.mark.invariant
 def test_model_runs_forward_and_generate_on_processor_output(processor):
     model = open_gates(tiny_model(), 0.5)
-    batch = processor(
-        images=[images(1), images(3, seed=1)],
-        text=["<image>What?", "<image>one<image>two<image>three"],
-        context=[None, CONTEXT],
-        return_tensors="pt",
-    )
+    with cutting_context():
+        batch = processor(
+            images=[images(1), images(3, seed=1)],
+            text=["<image>What?", "<image>one<image>two<image>three"],
+            context=[None, CONTEXT],
+            return_tensors="pt",
+        )
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
@@ -86,17 +97,20 @@ def test_batched_generation_equals_one_by_one(processor):
     kwargs = dict(
         max_new_tokens=5, do_sample=False, eos_token_id=None, output_scores=True, return_dict_in_generate=True
     )
-    batch = processor(
-        images=[s["images"] for s in samples],
-        text=[s["text"] for s in samples],
-        context=[s["context"] for s in samples],
-        return_tensors="pt",
-    )
+    with cutting_context():
+        batch = processor(
+            images=[s["images"] for s in samples],
+            text=[s["text"] for s in samples],
+            context=[s["context"] for s in samples],
+            return_tensors="pt",
+        )
     together = model.generate(**batch, **kwargs)
     for row, sample in enumerate(samples):
-        alone = processor(
-            images=sample["images"] or None, text=sample["text"], context=sample["context"], return_tensors="pt"
-        )
+        with library_warnings() as said:
+            alone = processor(
+                images=sample["images"] or None, text=sample["text"], context=sample["context"], return_tensors="pt"
+            )
+        assert len(said) == (sample["context"] == CONTEXT), said  # only the long context is cut
         single = model.generate(**alone, **kwargs)
         assert torch.equal(single.sequences[0, -5:], together.sequences[row, -5:]), row
         for step in range(5):
@@ -119,7 +133,8 @@ def test_save_and_reload_in_fresh_process_renders_identically(processor, tmp_pat
     assert not any(f.endswith((".bin", ".pkl", ".pt")) for f in files)
     reloaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(reloaded).__name__ == "VisInContextProcessor" and reloaded.max_pages == 5
-    expected = processor(images=images(1), text="<image>caption:", context=CONTEXT, return_tensors="pt")
+    with cutting_context():
+        expected = processor(images=images(1), text="<image>caption:", context=CONTEXT, return_tensors="pt")
     torch.save(dict(expected), tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
