@@ -228,8 +228,9 @@ def measure(model, reload=None, references: dict | None = None, seeds: int = 4) 
     logits = model(**plain).logits[..., :vocab].float()
     result["zero_gates"] = {}
     for name, lm in {"bare": bare_lm(model), **(references or {})}.items():
-        reference = lm.eval()(**plain).logits[..., :vocab].float()
-        result["zero_gates"][name] = (logits - reference).abs().max().item()
+        reference = lm.eval()(**plain).logits.float()
+        width = min(vocab, reference.shape[-1])  # the LM's own vocabulary (the model's may be padded for its tokenizer)
+        result["zero_gates"][name] = (logits[..., :width] - reference[..., :width]).abs().max().item()
     return result
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from model_invariants import bare_lm, library_warnings
 from tiny import EOC_ID, IMAGE_ID, VOCAB, open_gates, sample_batch, tiny_config, tiny_model, tiny_tokenizer
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CLIPVisionModel
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CLIPImageProcessorPil, CLIPVisionModel
 
-from visincontext import VisInContextForConditionalGeneration
+from visincontext import VisInContextForConditionalGeneration, VisInContextProcessor
 
 BACKBONES = [("clip", "llama"), ("siglip", "qwen2"), ("clip", "mistral")]
 
@@ -369,8 +369,11 @@ def test_from_backbones_loads_pretrained_weights_and_freezes(tmp_path):
     body = model.model.language_model.state_dict()
     for key, value in lm.model.state_dict().items():
         wrapped = key.replace("layers.0.", "layers.0.decoder_layer.").replace("layers.1.", "layers.1.decoder_layer.")
-        assert torch.equal(body[wrapped], value), key
-    assert torch.equal(model.lm_head.weight, lm.lm_head.weight)
+        assert torch.equal(body[wrapped][: len(value)], value), key  # the embedding: a row per id of its tokenizer
+    assert torch.equal(model.lm_head.weight[:VOCAB], lm.lm_head.weight)
+    CLIPImageProcessorPil().save_pretrained(tmp_path / "vision")
+    tokenizer = VisInContextProcessor.from_backbones(str(tmp_path / "vision"), str(tmp_path / "lm")).tokenizer
+    assert model.get_input_embeddings().weight.shape[0] == model.lm_head.weight.shape[0] == len(tokenizer) == VOCAB + 2
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     prefixes = (
         "model.image_resampler.",
@@ -455,10 +458,13 @@ def test_resize_token_embeddings_keeps_media_rows():
     with torch.no_grad():
         before = model(**batch).logits
     media_rows = model.get_input_embeddings().media_embedding.weight.clone()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     model.resize_token_embeddings(VOCAB + 10)
     assert model.config.text_config.vocab_size == VOCAB + 10
     assert model.get_input_embeddings().weight.shape[0] == VOCAB + 10
     assert torch.equal(model.get_input_embeddings().media_embedding.weight, media_rows)
+    # the media rows still train, the LM's vocabulary stays frozen
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
     with torch.no_grad():
         after = model(**batch).logits
     # the old vocabulary's logits are untouched; the 10 new rows come after it, the media tokens keep their columns

@@ -15,6 +15,9 @@ slots per chunk, D vision hidden size, H language-model hidden size.
 import copy
 import inspect
 import math
+import os
+import shutil
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -187,7 +190,8 @@ def build_media_memory(
     first_page[0] = True
     page_valid = context_valid[:, None, :] | (chunk_has_image & no_pages[:, None])[..., None] & first_page  # (B, C, P)
     valid = page_valid[..., None].expand(-1, -1, -1, num_latents).reshape(batch_size, -1)
-    return MediaMemory(latents=latents, slot_sources=sources, slot_chunk=chunk, slot_valid=valid.long())
+    # copies, not views of the expanded layouts: a model's outputs are its own tensors (FSDP2 warns about views)
+    return MediaMemory(latents=latents, slot_sources=sources.clone(), slot_chunk=chunk.clone(), slot_valid=valid.long())
 
 
 @dataclass
@@ -419,7 +423,9 @@ class MaskedCrossAttention(nn.Module):
         chunk's copy), then arranged into slots. Computed once per `generate`."""
         projected = self.to_kv(media.latents.to(self.to_kv.weight.dtype))  # (B, M, 2 * inner)
         key, value = media.slot_values(projected).chunk(2, dim=-1)
-        return _split_heads(key, self.num_heads), _split_heads(value, self.num_heads)
+        # contiguous (B, h, S, dh): attention reads them at every step of `generate`, and they are returned (a view of
+        # the projection would make FSDP2 warn that in-place changes to a module's output skip its hooks)
+        return _split_heads(key, self.num_heads).contiguous(), _split_heads(value, self.num_heads).contiguous()
 
     def forward(
         self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor, media_attention_mask: torch.Tensor
@@ -459,7 +465,10 @@ class GatedCrossAttentionBlock(GradientCheckpointingLayer):
 class VisInContextDecoderLayer(nn.Module):
     """A decoder layer of the wrapped LM, preceded by a gated cross-attention block where configured.
 
-    The media arrive as keyword arguments of the LM's forward, which v5 decoder stacks hand to every layer.
+    The media arrive as keyword arguments of the LM's forward, which v5 decoder stacks hand to every layer: the
+    memory (`media`), the slots each token reads (`media_attention_mask`), and either the memory as this block
+    projected it earlier (`media_key_values`, at generate's later steps) or a list to put its projection in
+    (`projected_media`, for generate to reuse).
     """
 
     def __init__(
@@ -470,9 +479,26 @@ class VisInContextDecoderLayer(nn.Module):
         self.decoder_layer = decoder_layer
         self.cross_attention_index = index  # position of this block's entry in `media_key_values`
 
-    def forward(self, hidden_states: torch.Tensor, *args, media_key_values=None, media_attention_mask=None, **kwargs):
-        if self.gated_cross_attention is not None and media_key_values is not None:
-            key, value = media_key_values[self.cross_attention_index]
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *args,
+        media: MediaMemory | None = None,
+        media_key_values: tuple | None = None,
+        media_attention_mask: torch.BoolTensor | None = None,
+        projected_media: list | None = None,
+        **kwargs,
+    ):
+        if self.gated_cross_attention is not None and media is not None:
+            if media_key_values is not None:
+                key, value = media_key_values[self.cross_attention_index]
+            else:
+                # Projected here, in the forward of the layer that holds the weights: FSDP gathers a wrapped layer's
+                # weights for its own forward only. Whether to project depends on the inputs alone, so activation
+                # checkpointing recomputes exactly what the first pass computed.
+                key, value = self.gated_cross_attention.cross_attention.key_values(media)
+                if projected_media is not None:
+                    projected_media[self.cross_attention_index] = (key, value)
             # Positional, so gradient checkpointing (re-entrant) propagates gradients to the media.
             hidden_states = self.gated_cross_attention(hidden_states, key, value, media_attention_mask)
         return self.decoder_layer(hidden_states, *args, **kwargs)
@@ -606,6 +632,17 @@ class VisInContextPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
+    def resize_token_embeddings(self, *args, **kwargs):
+        """`PreTrainedModel.resize_token_embeddings`; every weight stays as trainable as it was: the media-token rows
+        keep training, the LM's vocabulary stays frozen (transformers gives the whole resized embedding module the
+        `requires_grad` of its old weight, and the resized head that of a new one)."""
+        trainable = {name: p.requires_grad for name, p in self.named_parameters()}
+        result = super().resize_token_embeddings(*args, **kwargs)
+        for name, param in self.named_parameters():
+            if name in trainable:
+                param.requires_grad_(trainable[name])
+        return result
+
     # `resize_token_embeddings` keeps the input embedding's own class (transformers resizes its weight in place), so
     # `MediaTokenEmbedding` keeps its media rows; the LM head is rebuilt as a plain `nn.Linear`, so this hook (private,
     # pinned by test_resize_token_embeddings_keeps_media_rows) moves the resized weight into the existing head.
@@ -641,13 +678,30 @@ class VisInContextPreTrainedModel(PreTrainedModel):
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; the folder's remote code is always this package's, whatever class a
+        wrapper gave the model (FSDP2's `fully_shard` makes it an `FSDPVisInContext...`, defined in torch: transformers
+        would copy torch's files and name that class in `auto_map`)."""
         # transformers writes the `auto_map` entry of the saved class only; remote code needs all of them
         self.config.auto_map = {
             "AutoConfig": "configuration_visincontext.VisInContextConfig",
             "AutoModel": "modeling_visincontext.VisInContextModel",
             "AutoModelForImageTextToText": "modeling_visincontext.VisInContextForConditionalGeneration",
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        wrapper = type(self)
+        if wrapper.__module__ == __name__:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        wrapper._auto_class = None  # on the wrapper class only: transformers copies no code for it
+        try:
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del wrapper._auto_class
+        if kwargs.get("is_main_process", True):
+            from transformers.dynamic_module_utils import get_relative_import_files
+
+            source = sys.modules[__name__].__file__  # this file and its siblings, as transformers copies them
+            for path in [source, *get_relative_import_files(source)]:
+                shutil.copyfile(path, os.path.join(save_directory, os.path.basename(path)))
+        return result
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -1014,23 +1068,21 @@ class VisInContextModel(VisInContextPreTrainedModel):
         elif media is not None:
             media = media.for_batch(batch_size)
 
-        media_attention_mask = None
+        media_attention_mask = projected_media = None
         if media is not None:
-            if media_key_values is None:  # each block projects the memory once: images and pages, not chunk copies
-                media_key_values = tuple(
-                    layer.gated_cross_attention.cross_attention.key_values(media)
-                    for layer in self.language_model.layers
-                    if layer.gated_cross_attention is not None
-                )
             media_attention_mask = media.readable(chunk_ids, self.config.only_attend_immediate_media)
+            if media_key_values is None:  # each block projects the memory once (images and pages, not chunk copies)
+                projected_media = [None] * len(self.config.cross_attention_layers)
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
+            media=media,
             media_key_values=media_key_values,
             media_attention_mask=media_attention_mask,
+            projected_media=projected_media,
             **{self.language_model_cache_argument: cache},
             **({"output_attentions": output_attentions} if output_attentions is not None else {}),
             **kwargs,
@@ -1041,7 +1093,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             media=media,
-            media_key_values=media_key_values,
+            media_key_values=media_key_values if projected_media is None else tuple(projected_media),
             chunk_ids=chunk_ids,
             context_latents=context_latents,
         )
@@ -1412,6 +1464,11 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         # afterwards would also cast the buffers the LM keeps in float32 (its rotary frequencies).
         with _default_dtype(causal_lm.dtype):
             model = cls(config, vision_tower=vision_tower, language_model=causal_lm)
+            if len(tokenizer) > config.text_config.vocab_size:
+                # One vocabulary size: every id the tokenizer gives has a row, so that a saved folder's tokenizer and
+                # model agree (AutoPeftModel, for one, resizes a model whose embedding is smaller than its tokenizer).
+                # The media tokens' rows there are never read: their own trainable rows replace them.
+                model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         config.dtype = causal_lm.dtype
         # generation follows the LM's generation_config.json (its eos, sampling defaults), padded by the tokenizer's
         model.generation_config = copy.deepcopy(causal_lm.generation_config)

@@ -77,7 +77,11 @@ def default_model_and_processor(
     model = VisInContextForConditionalGeneration(VisInContextConfig(vision_config=vision, text_config=text, **settings))
     model.set_attn_implementation(attn_implementation)
     stop_at_end_of_chunk(model.generation_config, model.config.end_of_chunk_token_id)
-    return model, default_processor()
+    processor = default_processor()
+    # a row per id of the processor's tokenizer (the bytes, <s> </s> <pad>, then <image> and <|endofchunk|>), as
+    # `from_backbones` gives a model; padded after the rest is built, so every other weight is as it was
+    model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    return model, processor
 
 
 __all__ = ["byte_level_tokenizer", "default_processor", "default_model_and_processor", "BYTE_VOCAB"]
