@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,3 +153,65 @@ def test_fsdp2_on_two_processes_trains_as_one_process_and_saves_the_package_fold
     assert max((weights[k] - reference[k]).abs().max().item() for k in weights) < 1e-5
     assert_the_package_folder(folder)
     assert generate_in_a_bare_process(folder) == generate_in_a_bare_process(reference_folder)
+
+
+# ---- whatever wraps the model, its saved folder is the package's ---------------------------------------------
+
+WRAPPED_IN_ONE_PROCESS = """
+import os, sys
+import torch, torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from visincontext.offline import default_model_and_processor
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+kind, folder = sys.argv[1], sys.argv[3]
+model, processor = default_model_and_processor()
+if kind == "DistributedDataParallel":
+    torch.nn.parallel.DistributedDataParallel(model).module.save_pretrained(folder)  # as Trainer unwraps it
+else:  # fully_shard: the model becomes an FSDPVisInContextForConditionalGeneration, a class defined in torch
+    fully_shard(model)
+    assert type(model).__name__.startswith("FSDP"), type(model)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model.save_pretrained(folder, state_dict=state)
+processor.save_pretrained(folder)
+dist.destroy_process_group()
+"""
+
+
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("wrapper", ["torch.compile", "PEFT, merged", "DistributedDataParallel", "fully_shard"])
+def test_a_wrapped_model_saves_the_package_folder(wrapper, tmp_path):
+    from visincontext.offline import default_model_and_processor
+
+    model, processor = default_model_and_processor()
+    folder = tmp_path / "saved"
+    if wrapper == "torch.compile":  # saved without running: nothing is compiled
+        torch.compile(model).save_pretrained(folder)
+    elif wrapper == "PEFT, merged":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=2, target_modules=r".*decoder_layer\.self_attn\.(q_proj|v_proj)", init_lora_weights=False)
+        model = get_peft_model(model, lora).merge_and_unload()
+        model.save_pretrained(folder)
+    else:
+        run = subprocess.run(
+            [sys.executable, "-c", WRAPPED_IN_ONE_PROCESS, wrapper, free_port(), str(folder)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+    processor.save_pretrained(folder)
+    assert_the_package_folder(folder)
+    inputs = processor(text="The capital of", context="Atlantis lies under the sea. " * 3, return_tensors="pt")
+    expected = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False)[0].tolist()
+    assert generate_in_a_bare_process(folder) == expected

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from tiny import IMAGE_ID, tiny_processor
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from visincontext.data import VisInContextCollator, format_dataset, format_row
 from visincontext.training import main
@@ -311,7 +311,9 @@ def test_deepspeed_zero3_one_process(tmp_path):
     # full weights, not ZeRO-3 placeholders: from_pretrained finds every weight with its full shape
     model, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert model.model.language_model.embed_tokens.weight.shape == (259, 64)
+    # the embedding has a row for every token of the saved tokenizer (the media tokens included)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert model.model.language_model.embed_tokens.weight.shape == (len(tokenizer), 64)
 
 
 def test_prerendered_pages_match_rendering_on_the_fly():
@@ -459,6 +461,10 @@ def test_auto_peft_model_loads_an_adapter(tmp_path):
         loaded = AutoPeftModel.from_pretrained(str(tmp_path / "adapter"), import_allowlist=["visincontext"]).eval()
         assert isinstance(loaded, PeftModel)
         assert torch.allclose(loaded(**batch).logits, expected, atol=1e-5)
+    # one vocabulary size: the saved tokenizer has an id per embedding row, so AutoPeftModel resized nothing
+    rows = base.get_input_embeddings().weight.shape[0]
+    assert len(processor.tokenizer) == rows == loaded.get_input_embeddings().weight.shape[0]
+    assert loaded.base_model.model.config.text_config.vocab_size == rows
 
 
 def test_the_default_pretraining_run_shows_every_loss_learning(tmp_path):
