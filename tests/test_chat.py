@@ -99,7 +99,7 @@ def test_the_language_models_own_template_gives_the_roles():
         "'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
     processor = tiny_processor(chat_template=chat_template_for(chatml))
-    assert processor.chat_template == CHAT_PREAMBLE + chatml
+    assert processor.chat_template.startswith(CHAT_PREAMBLE) and chatml in processor.chat_template
     assert processor.apply_chat_template(MESSAGES, add_generation_prompt=True) == (
         "<|im_start|>user\n<image>What is the red shape?<|im_end|>\n<|im_start|>assistant\n"
     )

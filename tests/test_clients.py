@@ -3,10 +3,12 @@ streaming with DataLoader workers, TRL's SFTTrainer."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -215,3 +217,179 @@ def test_a_wrapped_model_saves_the_package_folder(wrapper, tmp_path):
     inputs = processor(text="The capital of", context="Atlantis lies under the sea. " * 3, return_tensors="pt")
     expected = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False)[0].tolist()
     assert generate_in_a_bare_process(folder) == expected
+
+
+# ---- TRL: the chat template marks the answers; SFTTrainer trains on them only ------------------------------------
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3_LIKE = (  # a begin-of-text token, role headers, a template-level variable read inside the body
+    "{{- bos_token }}{%- set header = '<|start_header_id|>' -%}"
+    "{%- for message in messages -%}{{ header + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] }}"
+    "{{- '<|eot_id|>' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ header + 'assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+)
+MISTRAL_LIKE = (  # refuses turns that do not alternate, answers end with the end-of-sequence token
+    "{{- bos_token }}{%- for message in messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{%- else -%}{{ message['content'] + eos_token }}{%- endif -%}{%- endfor -%}"
+)
+TEMPLATES = {"default": None, "ChatML": CHATML, "Llama 3 like": LLAMA3_LIKE, "Mistral like": MISTRAL_LIKE}
+
+
+def conversation(index: int, turns: int = 2, context: bool = True) -> list[dict]:
+    messages = []
+    for turn in range(turns):
+        content = [{"type": "image"}, {"type": "text", "text": f"What is shape {index}.{turn}?"}]
+        if context and turn == 0:
+            content.insert(0, {"type": "context", "text": f"Notes {index}: shape {index} is a circle of {index} cm."})
+        messages.append({"role": "user", "content": content})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": f"circle {index * 7 + turn}"}]})
+    return messages
+
+
+def with_images(messages: list[dict], seed: int) -> list[dict]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    filled = []
+    for message in messages:
+        items = [
+            {**item, "image": Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))}
+            if item["type"] == "image"
+            else item
+            for item in message["content"]
+        ]
+        filled.append({**message, "content": items})
+    return filled
+
+
+def answer_positions(processor, messages: list[dict]) -> list[bool]:
+    """Token by token: is this token of the rendered conversation inside an answer (its text and `<|endofchunk|>`)?
+    The answers are found in the rendered string one after another, independently of the template's markers."""
+    text = processor.apply_chat_template(messages)
+    spans, start = [], 0
+    for message in messages:
+        if message["role"] == "assistant":
+            answer = "".join(item["text"] for item in message["content"]) + "<|endofchunk|>"
+            start = text.index(answer, start)
+            spans.append((start, start + len(answer)))
+            start += len(answer)
+    offsets = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [any(a <= token_start < b for a, b in spans) for token_start, _ in offsets]
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES), ids=list(TEMPLATES))
+@pytest.mark.parametrize("context", [True, False], ids=["context", "no context"])
+def test_the_assistant_mask_is_exactly_the_answers(template, context):
+    from tiny import tiny_processor
+
+    from visincontext.data import VisInContextCollator, conversation_sample
+    from visincontext.processing_visincontext import CHAT_PREAMBLE, DEFAULT_CHAT_BODY, chat_template_for
+
+    processor = tiny_processor(chat_template=chat_template_for(TEMPLATES[template]))
+    messages = with_images(conversation(3, turns=3, context=context), seed=0)
+    out = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    mask = out["assistant_masks"][0].bool()
+    assert mask.tolist() == answer_positions(processor, messages)
+    assert (
+        processor.decode(out["input_ids"][0][mask])
+        == "circle 21<|endofchunk|>circle 22<|endofchunk|>circle 23<|endofchunk|>"
+    )
+    assert int(out["context_mask"].sum()) == (
+        len(processor.render(messages[0]["content"][0]["text"])) if context else 0
+    )
+    # the package's own collator trains on the same tokens
+    batch = VisInContextCollator(processor)([conversation_sample(messages, processor)])
+    assert torch.equal(batch["labels"][0] != -100, mask)
+    # the markers change nothing in the laid-out text: the same as the preamble and the body alone
+    unmarked = tiny_processor(chat_template=CHAT_PREAMBLE + (TEMPLATES[template] or DEFAULT_CHAT_BODY))
+    assert processor.apply_chat_template(messages) == unmarked.apply_chat_template(messages)
+    assert processor.apply_chat_template(messages[:3], add_generation_prompt=True) == unmarked.apply_chat_template(
+        messages[:3], add_generation_prompt=True
+    )
+
+
+def test_a_body_that_lays_out_a_start_differently_cannot_mark_answers():
+    from tiny import tiny_processor
+
+    from visincontext.processing_visincontext import chat_template_for
+
+    counted = "{{ messages | length }} turns\n" + CHATML  # the first line changes with every turn
+    processor = tiny_processor(chat_template=chat_template_for(counted))
+    messages = with_images(conversation(1, turns=1), seed=0)
+    assert processor.apply_chat_template(messages).startswith("2 turns\n<|im_start|>user")  # rendered, unmarked
+    with pytest.raises(ValueError, match=r"return_assistant_tokens_mask: conversation 0 has assistant turns"):
+        processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+
+
+def trl_rows(count: int):
+    """TRL's conversational rows with images: placeholders in `messages`, the images in an `images` column."""
+    from datasets import Dataset
+
+    rows = []
+    for i in range(count):
+        filled = with_images(conversation(i, turns=1 + i % 2, context=i % 2 == 1), seed=i)
+        images = [item.pop("image") for message in filled for item in message["content"] if item["type"] == "image"]
+        rows.append({"messages": filled, "images": images})
+    return Dataset.from_list(rows)
+
+
+def test_trl_sft_trainer_trains_on_the_assistant_tokens_only(tmp_path):
+    """TRL's SFTTrainer with its own vision collator and `assistant_only_loss=True`: every label that is not -100 is
+    an answer token of the rendered conversation, rows with and without a context item, and the loss goes down."""
+    pytest.importorskip("trl", reason="the [test] extra installs trl")
+    from tiny import open_gates, tiny_model, tiny_processor
+    from trl import SFTConfig, SFTTrainer
+
+    processor, rows = tiny_processor(), trl_rows(8)
+    config = SFTConfig(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
+        assistant_only_loss=True, bf16=False, use_cpu=True, report_to="none", save_strategy="no", seed=0,
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=open_gates(tiny_model(), 0.5), args=config, train_dataset=rows, processing_class=processor
+    )
+    batch = trainer.data_collator([rows[i] for i in range(4)])
+    for i in range(4):
+        row = rows[i]
+        messages = [dict(m) for m in row["messages"]]
+        images = iter(row["images"])
+        for message in messages:  # the images back in their items, as TRL's collator puts them
+            message["content"] = [
+                {**item, "image": next(images)} if item["type"] == "image" else item for item in message["content"]
+            ]
+        expected = answer_positions(processor, messages)
+        length = int(batch["attention_mask"][i].sum())  # TRL pads on the right
+        assert (batch["labels"][i, :length] != -100).tolist() == expected, i
+        assert (batch["labels"][i, length:] == -100).all()
+        has_context = any(item["type"] == "context" and item["text"] for item in row["messages"][0]["content"])
+        assert bool(batch["context_mask"][i].any()) == has_context == (i % 2 == 1)
+    # SFTTrainer warns "The chat template does not include the assistant turn's end-of-turn token in the loss mask":
+    # its check (trl.chat_template_utils.is_chat_template_stop_token_trained) looks the processor's token ids up in a
+    # set of ints, and this processor returns tensors, whose elements are never found there. The answers do end on
+    # `<|endofchunk|>` (test above). When this starts to pass, TRL reads tensors: drop the README's note.
+    from trl.chat_template_utils import is_chat_template_stop_token_trained
+
+    assert not is_chat_template_stop_token_trained(processor)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    # the language model is frozen (the tiny config's default): the new modules alone lower the loss, by ~0.13 here
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+
+
+def test_the_trl_example_runs_as_written(tmp_path):
+    pytest.importorskip("trl", reason="the [test] extra installs trl")
+    command = [sys.executable, str(ROOT / "examples" / "sft_trl.py"), "--output_dir", str(tmp_path)]
+    command += ["--max_steps", "12", "--learning_rate", "3e-3", "--logging_steps", "4"]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"'loss': '([0-9.]+)'", result.stdout + result.stderr)]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert_the_package_folder(tmp_path)

@@ -3,7 +3,9 @@
 
 import json
 import os
+import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -61,15 +63,55 @@ DEFAULT_CHAT_BODY = (
     "{%- else -%}{{ message['role'] | capitalize }}: {{ message['content'] }}{{ '\\n' }}{%- endif -%}"
     "{%- endfor -%}{%- if add_generation_prompt -%}Assistant: {% endif -%}"
 )
+# A body is wrapped in a macro and laid out turn by turn, so that each assistant answer (its text and
+# `<|endofchunk|>`, what the package's collator trains on) stands inside `{% generation %}`: transformers'
+# `return_assistant_tokens_mask` and TRL's `assistant_only_loss` then train on exactly the answers, with any LM's
+# own template. An answer's place is where the body, given the turns before it and a generation prompt, stops; a
+# body that does not lay out a conversation's start the same way on its own is rendered whole, unmarked (the
+# processor's `apply_chat_template` then refuses `return_assistant_tokens_mask`, see there).
+_BODY_MACRO_START = "{%- macro language_model_body(messages, add_generation_prompt) -%}\n"
+_BODY_MACRO_END = "\n{%- endmacro -%}\n"
+MARKED_LAYOUT = (
+    "{%- set layout = namespace(pieces=[], done='', stable=true) -%}"
+    "{%- for message in messages -%}"
+    "{%- set upto = language_model_body(messages[:loop.index], false) -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- set header = language_model_body(messages[:loop.index0], true) -%}"
+    "{%- set answer = message['content'] -%}"
+    "{%- else -%}{%- set header = layout.done -%}{%- set answer = '' -%}{%- endif -%}"
+    "{%- if header.startswith(layout.done) and upto.startswith(header + answer) -%}"
+    "{%- set layout.pieces = layout.pieces + [[header[layout.done | length:], false], [answer, true],"
+    " [upto[(header + answer) | length:], false]] -%}"
+    "{%- else -%}{%- set layout.stable = false -%}{%- endif -%}"
+    "{%- set layout.done = upto -%}"
+    "{%- endfor -%}"
+    "{%- set whole = language_model_body(messages, add_generation_prompt) -%}"
+    "{%- if layout.stable and whole.startswith(layout.done) -%}"
+    "{%- for piece in layout.pieces if piece[0] -%}"
+    "{%- if piece[1] -%}{% generation %}{{ piece[0] }}{% endgeneration %}{%- else -%}{{ piece[0] }}{%- endif -%}"
+    "{%- endfor -%}{{ whole[layout.done | length:] }}"
+    "{%- else -%}{{ whole }}{%- endif -%}"
+)
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 CONTENT_TYPES = ("image", "text", "context", "image_url")  # image_url: OpenAI-style, for templates that take it
 
 
 def chat_template_for(language_model_template: str | dict | None) -> str:
     """The processor's chat template: the preamble, then the LM's own template (its "default" one when it has several),
-    or the default body (`User: ...`, `Assistant: ...`, generation prompt `Assistant: `)."""
+    or the default body (`User: ...`, `Assistant: ...`, generation prompt `Assistant: `), laid out so that each
+    assistant answer stands inside `{% generation %}` markers. A template that has its own markers is kept as it is.
+    """
     if isinstance(language_model_template, dict):
         language_model_template = language_model_template.get("default")
-    return CHAT_PREAMBLE + (language_model_template or DEFAULT_CHAT_BODY)
+    body = language_model_template or DEFAULT_CHAT_BODY
+    if GENERATION_MARKER.search(body):
+        return CHAT_PREAMBLE + body
+    return CHAT_PREAMBLE + _BODY_MACRO_START + body + _BODY_MACRO_END + MARKED_LAYOUT
+
+
+def _field(thing, name: str):
+    """A message's or item's field: dicts and objects with the same attributes (TRL's, pydantic's) alike."""
+    return thing.get(name) if isinstance(thing, dict) else getattr(thing, name, None)
 
 
 def _check_characters(name: str, text: str, index: int, batched: bool) -> None:
@@ -351,24 +393,31 @@ class VisInContextProcessor(ProcessorMixin):
             processor_kwargs = dict(kwargs.get("processor_kwargs") or {})
             processor_kwargs["context"] = contexts if batched else contexts[0]
             kwargs["processor_kwargs"] = processor_kwargs
-        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        result = super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        if kwargs.get("return_assistant_tokens_mask") and isinstance(result, Mapping) and "assistant_masks" in result:
+            for i, messages in enumerate(conversations):
+                answers = any(_field(m, "role") == "assistant" for m in getattr(messages, "messages", messages))
+                if answers and not any(result["assistant_masks"][i]):
+                    raise ValueError(
+                        f"return_assistant_tokens_mask: conversation {i} has assistant turns but the chat template "
+                        "marks none: its body does not lay out the turns before an answer the same way on their own "
+                        "(see `chat_template_for`); give a template with `{% generation %}` markers"
+                    )
+        return result
 
     @staticmethod
     def _conversation_context(conversation, tokenize: bool) -> str | None:
         """Checks a conversation's messages and items (dicts or objects with the same fields), naming the message and
         item; returns its context text."""
 
-        def field(thing, name):
-            return thing.get(name) if isinstance(thing, dict) else getattr(thing, name, None)
-
         messages = getattr(conversation, "messages", conversation)
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("conversation: expected a non-empty list of messages")
         contexts = []
         for i, message in enumerate(messages):
-            if not isinstance(field(message, "role"), str):
+            if not isinstance(_field(message, "role"), str):
                 raise ValueError(f"messages[{i}]: expected a message with a 'role' string and 'content'")
-            content = field(message, "content")
+            content = _field(message, "content")
             if content is None or isinstance(content, str):
                 continue
             if not isinstance(content, (list, tuple)):
@@ -376,17 +425,17 @@ class VisInContextProcessor(ProcessorMixin):
                 raise ValueError(f"messages[{i}].content: expected a string or a list of items, got {kind}")
             for j, item in enumerate(content):
                 where = f"messages[{i}].content[{j}]"
-                kind = field(item, "type")
+                kind = _field(item, "type")
                 if kind not in CONTENT_TYPES:
                     raise ValueError(f"{where}: unknown content type {kind!r}; expected one of {CONTENT_TYPES}")
-                if kind in ("text", "context") and not isinstance(field(item, "text"), str):
-                    got = type(field(item, "text")).__name__
+                if kind in ("text", "context") and not isinstance(_field(item, "text"), str):
+                    got = type(_field(item, "text")).__name__
                     raise ValueError(f"{where}: a {kind} item needs a string 'text', got {got}")
-                has_image = any(field(item, key) is not None for key in ("image", "url", "path", "base64"))
+                has_image = any(_field(item, key) is not None for key in ("image", "url", "path", "base64"))
                 if kind == "image" and tokenize and not has_image:
                     raise ValueError(f"{where}: an image item without an image (give it 'image', 'url' or 'path')")
                 if kind == "context":
-                    contexts.append(field(item, "text"))
+                    contexts.append(_field(item, "text"))
         return "\n\n".join(contexts) if contexts else None
 
     def render(self, context: str):
