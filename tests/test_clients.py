@@ -393,3 +393,69 @@ def test_the_trl_example_runs_as_written(tmp_path):
     losses = [float(x) for x in re.findall(r"'loss': '([0-9.]+)'", result.stdout + result.stderr)]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert_the_package_folder(tmp_path)
+
+
+# ---- streaming: a row is the same row in every DataLoader worker and process --------------------------------------
+
+
+def streamed_samples(rank: int | None, world_size: int, num_workers: int, order_seed: int | None = None) -> list:
+    """Every sample a DataLoader yields from a 4-shard stream of 16 text rows (one rank's part when `rank` is given)."""
+    from datasets import Dataset
+    from datasets.distributed import split_dataset_by_node
+
+    from visincontext.data import format_dataset
+
+    rows = Dataset.from_list([{"text": f"row {i}: a caption of {i} words."} for i in range(16)])
+    if order_seed is not None:
+        rows = rows.shuffle(seed=order_seed)
+    stream = rows.to_iterable_dataset(num_shards=4)
+    if rank is not None:
+        stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+    samples, _ = format_dataset(stream, "text")
+    loader = torch.utils.data.DataLoader(samples, batch_size=None, num_workers=num_workers, collate_fn=lambda s: s)
+    return list(loader)
+
+
+def masks_by_text(samples: list) -> dict[str, list[bool]]:
+    """Each sample's token mask over 32 image slots, keyed by its text (the row it came from)."""
+    from tiny import tiny_processor
+
+    from visincontext.data import VisInContextCollator
+
+    collator = VisInContextCollator(tiny_processor(), token_mask_prob=0.5, seed=3)
+    slots = torch.ones(1, 32, dtype=torch.bool)
+    return {s["text"]: collator.image_latents_mask([s], slots)[0].tolist() for s in samples}
+
+
+def test_streamed_rows_keep_their_identity_across_workers_and_ranks():
+    one_reader = masks_by_text(streamed_samples(rank=None, world_size=1, num_workers=0))
+    assert len(one_reader) == 16
+    two_workers = streamed_samples(rank=None, world_size=1, num_workers=2)
+    two_ranks = [s for rank in (0, 1) for s in streamed_samples(rank=rank, world_size=2, num_workers=2)]
+    assert sorted(s["row_index"] for s in two_workers) != list(range(16))  # the indices do restart per worker
+    for samples in (two_workers, two_ranks):
+        assert sorted(s["text"] for s in samples) == sorted(one_reader)  # every row once
+        masks = masks_by_text(samples)
+        assert masks == one_reader  # the same row, the same mask
+        assert len({tuple(m) for m in masks.values()}) == 16  # distinct rows, distinct masks
+    # in another order (shuffled before streaming), still the same mask for the same row
+    assert masks_by_text(streamed_samples(rank=None, world_size=1, num_workers=2, order_seed=1)) == one_reader
+
+
+def test_the_row_key_is_the_rows_content():
+    from PIL import Image
+
+    from visincontext.data import row_key
+
+    image = Image.new("RGB", (4, 4), (10, 20, 30))
+    row = {"text": "a", "images": [image], "meta": {"n": 1, "tags": ["x"]}}
+    assert row_key(row) == row_key({"meta": {"tags": ["x"], "n": 1}, "images": [image.copy()], "text": "a"})
+    changed = [
+        {**row, "text": "b"},
+        {**row, "images": [Image.new("RGB", (4, 4), (10, 20, 31))]},
+        {**row, "images": [image.convert("RGBA")]},
+        {**row, "meta": {"n": 2, "tags": ["x"]}},
+        {**row, "meta": {"n": "1", "tags": ["x"]}},
+        {**row, "text": ["a"]},
+    ]
+    assert len({row_key(r) for r in [row, *changed]}) == len(changed) + 1

@@ -1,7 +1,8 @@
 """Training data for VisInContext: dataset rows -> samples -> batches.
 
 A *sample* is a dict with `images` (in `<image>` order), `prompt` (tokens the LM reads but is not trained
-on), `text` (tokens it is trained on), `context` (text rendered into pages, or None) and `row_index`.
+on), `text` (tokens it is trained on), `context` (text rendered into pages, or None), `row_index` and, when
+streamed, `row_key`.
 `format_row` builds one from a row of any supported schema; `VisInContextCollator` turns samples into
 model inputs with labels, rendering the context on the fly (in DataLoader workers when
 `dataloader_num_workers > 0`) and dropping image latents with probability `token_mask_prob`.
@@ -266,12 +267,14 @@ def format_dataset(dataset, kind: str, skip_bad_rows: bool = False, **format_kwa
     A malformed row raises `ValueError` naming its index; with `skip_bad_rows=True` it is skipped and counted, with
     a warning (the collator drops it from its batch). A stream stays a `datasets.IterableDataset`, so that the
     Trainer (accelerate) splits it once across processes and DataLoader workers read disjoint shards; its row
-    indices count the rows of each such part (a stream has no global position). Skips in DataLoader workers are
-    logged there but not counted in the main process.
+    indices count the rows of each such part (a stream has no global position), so a streamed sample also carries
+    `row_key`, a hash of the row's content, which identifies it to the collator in every worker and process.
+    Skips in DataLoader workers are logged there but not counted in the main process.
     """
     from datasets import IterableDataset
 
     counter = BadRowCounter()
+    streamed = isinstance(dataset, IterableDataset)
 
     def convert(row, index):
         try:
@@ -282,12 +285,14 @@ def format_dataset(dataset, kind: str, skip_bad_rows: bool = False, **format_kwa
             counter.add(index, error)
             return None
         sample["row_index"] = index
+        if streamed:  # a stream's index restarts in every DataLoader worker and process: the row's content is its key
+            sample["row_key"] = row_key(row)
         if "context_pages" in row:  # rendered ahead of time by `prerender`
             for key in ("context_pages", "context_cells", "context_text", "context_cut_characters"):
                 sample[key] = row[key]
         return sample
 
-    if isinstance(dataset, IterableDataset):
+    if streamed:
         wrapped = dataset.map(
             lambda row, index: {"sample": convert(row, index)}, with_indices=True, remove_columns=dataset.column_names
         )
@@ -299,6 +304,40 @@ def format_dataset(dataset, kind: str, skip_bad_rows: bool = False, **format_kwa
         f"dataset: expected a datasets.Dataset, an indexable sized dataset or a datasets.IterableDataset, "
         f"got {type(dataset).__name__}"
     )
+
+
+def row_key(row: Any) -> int:
+    """A 56-bit hash of a row's content: strings, bytes, numbers, PIL images (mode, size, pixels), arrays, and
+    lists and dicts of them (keys in sorted order). Equal rows get equal keys in any process."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, dict):
+            digest.update(b"{")
+            for key in sorted(value, key=str):
+                feed(str(key))
+                feed(value[key])
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                feed(item)
+            digest.update(b"]")
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            digest.update(b"b%d:" % len(value) + bytes(value))
+        elif isinstance(value, str):
+            encoded = value.encode("utf-8", "surrogatepass")
+            digest.update(b"s%d:" % len(encoded) + encoded)
+        elif isinstance(value, Image.Image):
+            digest.update(f"i{value.mode}{value.size}:".encode() + value.tobytes())
+        elif isinstance(value, (np.ndarray, torch.Tensor)):
+            array = np.ascontiguousarray(value.numpy() if isinstance(value, torch.Tensor) else value)
+            digest.update(f"a{array.dtype}{array.shape}:".encode() + array.tobytes())
+        else:  # None, numbers, booleans and anything else by its repr
+            digest.update(f"r{type(value).__name__}:{value!r};".encode())
+
+    feed(row)
+    return int.from_bytes(digest.digest()[:7], "big")
 
 
 class BadRowCounter:
@@ -335,9 +374,9 @@ class VisInContextCollator:
     Labels are the input ids, with -100 on padding, on `<image>` tokens and on the prompt. Image latents are
     dropped with probability `token_mask_prob` (the paper's token masking, 0.5 in pretraining) through the
     `image_latents_mask` input. The draw for a sample is a function of `seed`, `epoch` and the sample's row (its
-    `row_index`, or its text when it has none): the same sample gets the same mask in any batch, order, DataLoader
-    worker or process, and again when a run resumes from a checkpoint. `VisInContextTrainer` sets `epoch` at the
-    start of each epoch, so that masks change from one epoch to the next.
+    `row_key` when streamed, else its `row_index`, or its text when it has neither): the same sample gets the same mask
+    in any batch, order, DataLoader worker or process, and again when a run resumes from a checkpoint.
+    `VisInContextTrainer` sets `epoch` at the start of each epoch, so that masks change from one epoch to the next.
     """
 
     processor: Any
@@ -353,7 +392,10 @@ class VisInContextCollator:
             raise ValueError(f"token_mask_prob: expected a probability in [0, 1], got {self.token_mask_prob}")
 
     def sample_key(self, sample: dict) -> int:
-        """The part of a sample's random draws that identifies it: its row index, or a hash of its text."""
+        """The part of a sample's random draws that identifies it: a streamed row's content key (`row_key`), its row
+        index, or a hash of its text."""
+        if sample.get("row_key") is not None:
+            return int(sample["row_key"])
         if sample.get("row_index") is not None:
             return int(sample["row_index"])
         text = f"{sample.get('prompt', '')}\x00{sample.get('text', '')}\x00{sample.get('context') or ''}"
