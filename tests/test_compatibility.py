@@ -1,16 +1,19 @@
-"""The stack moves under a user: the package must hold on the transformers a fresh install gets.
+"""The stack moves under a user: the package must hold on the torch and transformers a fresh install gets.
 
-For the lowest transformers the package declares and for the newest release on the package index that its declared
-range admits, a fresh virtual environment gets torch (this machine's wheel), that transformers, pillow and pytest,
-nothing else. In it:
+For three torch releases (the lowest the package declares, this machine's, and the newest release on the package
+index that its range admits) and, in each, two transformers releases (the lowest declared and the newest released
+that the range admits), a fresh virtual environment gets that torch, that transformers, pillow and pytest, nothing
+else. In it:
 - the tests marked `invariant` run against this checkout (zero gates = bare LM, cache = no cache with media encoded
-  once, save -> `Auto*` load, batched = one by one, the private hooks the model overrides);
+  once, save -> `Auto*` load, batched = one by one, every constructor causal, the private hooks the model overrides);
 - a Hub folder written here by `hub.prepare_repo` loads with `trust_remote_code=True` where `visincontext` is not
   installed, and generates the tokens it generates here.
 A release can require a package the index does not have yet (transformers 5.25.0 requires `kernels>=0.19.1`; this
 machine's index stops at 0.17.2), so pip installs the release before it. The newest release is then installed without
 that package, run the way transformers runs without it, and the test says so. A second test checks that the package's
-own pins hold nothing back: with them, pip picks the transformers it picks for transformers alone.
+own pins hold nothing back: with them, pip picks the transformers it picks for transformers alone. torch releases
+other than this machine's come from the package index (CUDA builds, which run on a CPU), past any local cap on torch
+(pip's configuration files are not read for them).
 """
 
 import json
@@ -32,14 +35,18 @@ INVARIANT_TESTS = ["tests/test_modeling.py", "tests/test_processing.py", "tests/
 PROMPT, CONTEXT = "<image>Question: capital? Answer:", "Fact: the capital of Atlantis is Poseidonia. " * 4
 
 
-def declared_transformers() -> Requirement:
+def declared(name: str = "transformers") -> Requirement:
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    return next(Requirement(d) for d in map(str, dependencies) if Requirement(d).name == "transformers")
+    return next(Requirement(d) for d in map(str, dependencies) if Requirement(d).name == name)
 
 
-def lowest_declared() -> str:
-    lower = [s.version for s in declared_transformers().specifier if s.operator in (">=", "==")]
-    assert len(lower) == 1, f"pyproject.toml: expected one lower bound for transformers, got {lower}"
+def declared_transformers() -> Requirement:
+    return declared("transformers")
+
+
+def lowest_declared(name: str = "transformers") -> str:
+    lower = [s.version for s in declared(name).specifier if s.operator in (">=", "==")]
+    assert len(lower) == 1, f"pyproject.toml: expected one lower bound for {name}, got {lower}"
     return lower[0]
 
 
@@ -47,12 +54,17 @@ def test_declared_range_has_one_lower_bound():
     requirement = declared_transformers()
     assert requirement.specifier.contains(lowest_declared())
     assert any(s.operator == "<" for s in requirement.specifier)  # the next major release is not assumed to work
+    # torch: a lower bound that the declared transformers and accelerate accept too, and no upper cap on a minor
+    # release (a new torch is tested here when it is released, as the newest released end)
+    assert declared("torch").specifier.contains(lowest_declared("torch"))
+    assert Version(lowest_declared("torch")) >= Version("2.6")  # transformers 5 and accelerate 1.16 need 2.6
+    assert not any(s.operator in ("<", "<=") for s in declared("torch").specifier), declared("torch")
 
 
-def index_releases() -> list[Version]:
-    """The final transformers releases on the package index pip is configured with (`pip index versions`)."""
+def index_releases(name: str = "transformers") -> list[Version]:
+    """The final releases of `name` on the package index pip is configured with (`pip index versions`)."""
     listing = subprocess.run(
-        [sys.executable, "-m", "pip", "index", "versions", "transformers"],
+        [sys.executable, "-m", "pip", "index", "versions", name],
         capture_output=True,
         text=True,
         check=True,
@@ -60,12 +72,15 @@ def index_releases() -> list[Version]:
     ).stdout
     available = re.search(r"Available versions: (.+)", listing)
     assert available, listing
-    return [v for v in map(Version, available.group(1).split(", ")) if not v.is_prerelease]
+    return [v for v in map(Version, available.group(1).split(", ")) if not v.is_prerelease and not v.local]
 
 
-def newest_released() -> str:
+def newest_released(name: str = "transformers") -> str:
     """The newest release on the index that the declared range admits."""
-    return str(max(v for v in index_releases() if declared_transformers().specifier.contains(v)))
+    return str(max(v for v in index_releases(name) if declared(name).specifier.contains(v)))
+
+
+THIS_TORCH = torch.__version__.split("+")[0]
 
 
 # Requirements of a transformers release that the index may not have yet, and the environment transformers runs
@@ -74,20 +89,38 @@ def newest_released() -> str:
 RUNS_WITHOUT = {"kernels": {"USE_HUB_KERNELS": "0"}}
 
 
-def pip_install(python: Path, *arguments: str) -> subprocess.CompletedProcess:
+def pip_install(python: Path, *arguments: str, config: bool = True) -> subprocess.CompletedProcess:
+    """pip install into the venv of `python`; with `config=False`, without pip's configuration files."""
+    env = dict(os.environ) if config else dict(os.environ, PIP_CONFIG_FILE=os.devnull)
     return subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", *arguments], capture_output=True, text=True, timeout=1200
+        [str(python), "-m", "pip", "install", "-q", *arguments], capture_output=True, text=True, timeout=1200, env=env
     )
 
 
-def fresh_environment(folder: Path, version: str) -> tuple[Path, dict[str, str], str | None]:
-    """A new venv with this torch, transformers `version`, pillow and pytest.
-
-    Returns (python, environment variables transformers needs here, the requirement the index lacks or None)."""
+def torch_environment(folder: Path, torch_version: str) -> Path:
+    """A new venv with torch `torch_version`, pillow and pytest. Returns its python."""
     subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
     python = folder / "bin" / "python"
-    base = [f"torch=={torch.__version__.split('+')[0]}", "pillow", "pytest"]
-    install = pip_install(python, *base, f"transformers=={version}")
+    if torch_version == THIS_TORCH:  # this machine's wheel, where pip is configured to find it
+        install = pip_install(python, f"torch=={torch_version}", "pillow", "pytest")
+    else:  # from the index, past a local cap (pip's configuration files set only that and certificates here)
+        install = pip_install(python, f"torch=={torch_version}", "pillow", "pytest", config=False)
+    assert install.returncode == 0, install.stderr[-3000:]
+    return python
+
+
+def install_transformers(python: Path, version: str) -> tuple[dict[str, str], str | None]:
+    """transformers `version` into the venv of `python` (replacing the one there), keeping its torch.
+
+    Returns (environment variables transformers needs here, the requirement the index lacks or None)."""
+    kept = subprocess.run(
+        [str(python), "-c", "from importlib.metadata import version; print(version('torch'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    pin, config = f"torch=={kept}", kept.split("+")[0] == THIS_TORCH
+    install = pip_install(python, pin, f"transformers=={version}", config=config)
     overrides, missing = {}, None
     if install.returncode != 0:
         lacking = re.search(r"No matching distribution found for (\S+)", install.stderr)
@@ -105,18 +138,17 @@ def fresh_environment(folder: Path, version: str) -> tuple[Path, dict[str, str],
             for r in map(Requirement, filter(None, requires))
             if r.name != Requirement(missing).name and (r.marker is None or r.marker.evaluate({"extra": ""}))
         ]
-        install = pip_install(python, *base, *map(str, needed))
+        install = pip_install(python, pin, *map(str, needed), config=config)
         assert install.returncode == 0, install.stderr[-3000:]
         overrides = RUNS_WITHOUT[Requirement(missing).name]
     installed = subprocess.run(
-        [str(python), "-c", "import transformers; print(transformers.__version__)"],
+        [str(python), "-c", "from importlib.metadata import version; print(version('torch'), version('transformers'))"],
         capture_output=True,
         text=True,
         check=True,
-        env=dict(os.environ, **overrides),
-    ).stdout.strip()
-    assert Version(installed) == Version(version), (installed, version)
-    return python, overrides, missing
+    ).stdout.split()
+    assert installed[0] == kept and Version(installed[1]) == Version(version), (installed, kept, version)
+    return overrides, missing
 
 
 def resolved_transformers(*requirements: str) -> str:
@@ -187,11 +219,30 @@ print("TOKENS", json.dumps(model.generate(**inputs, max_new_tokens=8, do_sample=
 """
 
 
+TORCH_ENDS = {"lowest declared": lambda: lowest_declared("torch"), "this machine's": lambda: THIS_TORCH}
+TORCH_ENDS["newest released"] = lambda: newest_released("torch")
+TRANSFORMERS_ENDS = {"lowest declared": lowest_declared, "newest released": newest_released}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("end", ["lowest declared", "newest released"])
-def test_fresh_environment_keeps_the_invariants_and_loads_a_hub_folder(end, hub_folder, tmp_path):
-    version = lowest_declared() if end == "lowest declared" else newest_released()
-    python, overrides, missing = fresh_environment(tmp_path / "venv", version)
+@pytest.mark.parametrize("torch_end", list(TORCH_ENDS))
+def test_fresh_environment_keeps_the_invariants_and_loads_a_hub_folder(torch_end, hub_folder, tmp_path, subtests):
+    """One venv per torch release; in it, the lowest declared and the newest released transformers in turn."""
+    torch_version = TORCH_ENDS[torch_end]()
+    python = torch_environment(tmp_path / "venv", torch_version)
+    for end, version in ((end, find()) for end, find in TRANSFORMERS_ENDS.items()):
+        with subtests.test(transformers=end):
+            check_environment(
+                python,
+                f"torch {torch_version} ({torch_end}), transformers {version} ({end})",
+                version,
+                hub_folder,
+                tmp_path,
+            )
+
+
+def check_environment(python: Path, name: str, version: str, hub_folder, tmp_path: Path) -> None:
+    overrides, missing = install_transformers(python, version)
     env = dict(os.environ, HF_HUB_OFFLINE="1", **overrides, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}")
     env.pop("VIRTUAL_ENV", None)
     tests = subprocess.run(
@@ -204,7 +255,7 @@ def test_fresh_environment_keeps_the_invariants_and_loads_a_hub_folder(end, hub_
     )
     summary = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else ""
     without = f" without {missing} (not on the index; {overrides})" if missing else ""
-    print(f"{end}: transformers {version}{without}: {summary}")
+    print(f"{name}{without}: {summary}")
     assert tests.returncode == 0, tests.stdout[-4000:] + tests.stderr[-2000:]
     assert re.search(r"\d+ passed", summary) and "failed" not in summary and "error" not in summary, summary
 

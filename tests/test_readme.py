@@ -119,7 +119,7 @@ def test_bash_blocks_run(workspace):
     lines = [line for body in blocks("bash")[2:] for line in command_lines(body)]  # after set-up and install
     runnable = [line for line in lines if line.startswith("python ")]
     launches = [line for line in lines if line.startswith("accelerate launch")]
-    assert len(runnable) == 8 and len(launches) == 2  # the launches: test_accelerate_launch_lines_run
+    assert len(runnable) == 9 and len(launches) == 3  # the launches: test_accelerate_launch_lines_run
     for line in runnable:
         args = shlex.split(substitute(line, workspace))
         args[0] = sys.executable
@@ -156,6 +156,8 @@ def test_bash_blocks_run(workspace):
     assert [point["latents_per_page"] for point in compression["compression"]] == [196, 98, 49, 25]
     assert (workspace / "outputs" / "qlora" / "adapter" / "adapter_config.json").exists()
     assert (workspace / "outputs" / "recall" / "synthetic_recall_curves.png").exists()
+    sft = json.loads((workspace / "outputs" / "sft" / "config.json").read_text())  # TRL's SFTTrainer saved it
+    assert sft["auto_map"]["AutoModelForImageTextToText"].startswith("modeling_visincontext.")
 
 
 @pytest.mark.slow
@@ -164,7 +166,7 @@ def test_install_lines_install_the_package_and_its_extras(tmp_path):
     sees this environment's packages through a .pth file (so only visincontext itself is built and installed,
     and nothing is downloaded but the build backend)."""
     lines = command_lines(blocks("bash")[1])
-    assert [line.split()[:2] for line in lines] == [["pip", "install"]] * 4
+    assert [line.split()[:2] for line in lines] == [["pip", "install"]] * 5
     flash = [line for line in lines if "[flash]" in line]
     assert len(flash) == 1 and "CUDA only" in blocks("bash")[1]  # flash-attn builds against CUDA: not run here
     venv = tmp_path / "venv"
@@ -191,7 +193,7 @@ def test_install_lines_install_the_package_and_its_extras(tmp_path):
         assert result.returncode == 0, (line, result.stderr[-3000:])
         assert "does not provide the extra" not in result.stdout + result.stderr, line
     check = (
-        "import importlib.metadata as m, visincontext, bitsandbytes, deepspeed; print(visincontext.__file__); "
+        "import importlib.metadata as m, visincontext, bitsandbytes, deepspeed, trl; print(visincontext.__file__); "
         "print(sorted(r for r in m.requires('visincontext') if 'extra ==' in r))"
     )
     result = subprocess.run(
@@ -204,6 +206,7 @@ def test_install_lines_install_the_package_and_its_extras(tmp_path):
         'bitsandbytes>=0.48; extra == "quant"',
         'deepspeed>=0.17; extra == "deepspeed"',
         'flash-attn>=2.6; extra == "flash"',
+        'trl>=1.16; extra == "trl"',
     ):
         assert requirement in extras, extras
 
@@ -229,7 +232,7 @@ def test_accelerate_launch_lines_run(workspace, tmp_path):
     """The DeepSpeed launches of the Training block: one node with 2 processes instead of 8 GPUs, and the
     two-node line as two local nodes of one process each (ranks 0 and 1 on 127.0.0.1)."""
     lines = [line for body in blocks("bash")[2:] for line in command_lines(body)]
-    launches = [line for line in lines if line.startswith("accelerate launch")]
+    launches = [line for line in lines if line.startswith("accelerate launch") and "deepspeed" in line]
     single, multi_node = launches
     args = launch_arguments(single, workspace, tmp_path / "single")
     args.insert(3, "--num_processes=2")  # the config's 8 GPUs -> 2 CPU processes
@@ -263,3 +266,23 @@ def test_accelerate_launch_lines_run(workspace, tmp_path):
     for folder in ("single", "nodes"):
         reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / folder)
         assert type(reloaded).__name__ == "VisInContextForConditionalGeneration"
+
+
+@pytest.mark.slow
+def test_the_fsdp2_launch_line_runs(workspace, tmp_path):
+    """The FSDP2 launch of "Using it with TRL, PEFT, FSDP and DeepSpeed", with 2 CPU processes instead of 8 GPUs,
+    through tests/fsdp_on_cpu.py (accelerate's FSDP plugin turned on for CPU processes, as on GPUs)."""
+    lines = [line for body in blocks("bash")[2:] for line in command_lines(body)]
+    (line,) = [line for line in lines if line.startswith("accelerate launch") and "fsdp2.yaml" in line]
+    line = line.replace("--output_dir outputs/fsdp2", f"--output_dir {tmp_path / 'fsdp2'}")
+    args = launch_arguments(line, workspace, tmp_path / "fsdp2") + ["--max_steps", "2"]
+    args[3:3] = ["--num_processes=2", "--mixed_precision=no"]  # 8 GPUs in bf16 -> 2 CPU processes in fp32
+    script = args.index(str(ROOT / "examples" / "pretrain.py"))
+    args.insert(script, str(ROOT / "tests" / "fsdp_on_cpu.py"))
+    run(args, ROOT)
+    config = json.loads((tmp_path / "fsdp2" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == (
+        "modeling_visincontext.VisInContextForConditionalGeneration"
+    )
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "fsdp2", trust_remote_code=True)
+    assert type(reloaded).__name__ == "VisInContextForConditionalGeneration"
