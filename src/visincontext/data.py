@@ -9,7 +9,6 @@ model inputs with labels, rendering the context on the fly (in DataLoader worker
 """
 
 import hashlib
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,26 +19,32 @@ import torch
 from PIL import Image
 
 from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
+from .processing_visincontext import to_rgb_image
 
 ROW_KINDS = ("interleaved", "mmc4", "pair", "text", "vqa", "chat", "mimicit")
 IN_CONTEXT_MODES = ("text", "rendered")
 
 
 def load_image(value: Any, image_root: str | None = None) -> Image.Image:
-    """A PIL image from a PIL image, bytes, a `{"bytes"|"path"}` dict (datasets' Image feature) or a path."""
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
+    """An 8-bit RGB PIL image from a PIL image, encoded bytes, a `{"bytes"|"path"}` dict (datasets' Image feature),
+    a path (relative to `image_root`) or an array; 16-bit and float images by their real range (`to_rgb_image`).
+    Raises `ValueError` for anything that cannot be decoded (truncated files, decompression bombs included)."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value)).convert("RGB")
     if isinstance(value, str):
         if value.startswith(("http://", "https://")):
             raise ValueError(f"image {value!r} is a URL: download the images first (this package reads local data)")
         path = Path(image_root, value) if image_root and not os.path.isabs(value) else Path(value)
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    raise ValueError(f"image: expected a PIL image, bytes, a path or a datasets Image dict, got {type(value).__name__}")
+        try:
+            with Image.open(path) as image:
+                return to_rgb_image(image)
+        except (OSError, Image.DecompressionBombError) as error:
+            raise ValueError(f"image {str(path)!r} cannot be read ({type(error).__name__}: {error})") from error
+    if value is None or isinstance(value, (int, float, list, tuple, dict)):
+        raise ValueError(
+            f"image: expected a PIL image, bytes, a path or a datasets Image dict, got {type(value).__name__}"
+        )
+    return to_rgb_image(value)
 
 
 def _split_at_fraction(pieces: list[str], fraction: float) -> int:
@@ -113,14 +118,21 @@ def format_row(
         if missing:
             raise ValueError(f"missing key(s) {missing} for a {kind!r} row (has {sorted(row)})")
 
+    def strings(key, value, optional=False):  # text fields are strings: never an int or a dict collated as text
+        if not isinstance(value, str) and not (optional and value is None):
+            raise TypeError(f"{key}: expected a string{' or None' if optional else ''}, got {type(value).__name__}")
+        return value
+
     if kind == "interleaved":
         need("images", "texts")
         if len(row["images"]) != len(row["texts"]):
             raise ValueError(f"images and texts have different lengths ({len(row['images'])} vs {len(row['texts'])})")
+        for i, text in enumerate(row["texts"]):
+            strings(f"texts[{i}]", text, optional=True)
         return _interleaved(list(row["images"]), list(row["texts"]), context_fraction, max_images, image_root)
     if kind == "mmc4":
         need("text_list", "image_info")
-        texts = list(row["text_list"])
+        texts = [strings(f"text_list[{i}]", text) for i, text in enumerate(row["text_list"])]
         slots_images: list = [None] * len(texts)
         for info in row["image_info"]:
             index = info.get("matched_text_index")
@@ -137,9 +149,10 @@ def format_row(
         return _interleaved(images, texts_out, context_fraction, max_images, image_root)
     if kind == "pair":
         need("image")
-        caption = row.get("caption", row.get("text"))
-        if not isinstance(caption, str):
+        key = "caption" if row.get("caption") is not None else "text"
+        if row.get(key) is None:
             raise ValueError("missing key 'caption' (or 'text') for a 'pair' row")
+        caption = strings(key, row[key])
         return {
             "images": [load_image(row["image"], image_root)],
             "prompt": "",
@@ -148,10 +161,12 @@ def format_row(
         }
     if kind == "text":
         need("text")
-        text = row["text"]
+        text = strings("text", row["text"])
         cut = text.rfind(" ", 0, int(len(text) * context_fraction)) + 1 or int(len(text) * context_fraction)
         return {"images": [], "prompt": "", "text": text[cut:], "context": text[:cut] or None}
     need("question", "answer")
+    strings("question", row["question"]), strings("answer", row["answer"])
+    strings("context", row.get("context"), optional=True)
     images = (
         row.get("images") if row.get("images") is not None else ([row["image"]] if row.get("image") is not None else [])
     )
@@ -279,9 +294,9 @@ def format_dataset(dataset, kind: str, skip_bad_rows: bool = False, **format_kwa
     def convert(row, index):
         try:
             sample = format_row(row, kind, **format_kwargs)
-        except (ValueError, KeyError, OSError, TypeError) as error:
+        except (ValueError, KeyError, OSError, TypeError, Image.DecompressionBombError) as error:
             if not skip_bad_rows:
-                raise ValueError(f"row {index}: {error}") from error
+                raise (TypeError if isinstance(error, TypeError) else ValueError)(f"row {index}: {error}") from error
             counter.add(index, error)
             return None
         sample["row_index"] = index

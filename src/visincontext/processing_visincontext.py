@@ -1,6 +1,7 @@
 # Copyright 2026 The visincontext authors. Licensed under the Apache License, Version 2.0.
 """VisInContextProcessor: images + prompt text + long context (rendered into pages) -> model inputs."""
 
+import io
 import json
 import os
 import re
@@ -112,6 +113,58 @@ def chat_template_for(language_model_template: str | dict | None) -> str:
 def _field(thing, name: str):
     """A message's or item's field: dicts and objects with the same attributes (TRL's, pydantic's) alike."""
     return thing.get(name) if isinstance(thing, dict) else getattr(thing, name, None)
+
+
+def to_rgb_image(image) -> Image.Image:
+    """An 8-bit RGB PIL image from a PIL image (of any mode), encoded bytes, a path or URL, or an array (HWC or HW).
+
+    Values are read by their real range: 16-bit images (PIL `I;16`, uint16 arrays) are scaled from 0-65535, float
+    images (PIL `F`, float arrays) from 0-1 (or taken as 0-255 when their values exceed 1); values outside those
+    ranges are an error. A lazily opened file is decoded here, so a truncated one fails here. Raises `ValueError`
+    (the caller names the image)."""
+    try:
+        if isinstance(image, str):
+            image = load_image(image)
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            image = Image.open(io.BytesIO(bytes(image)))
+        if isinstance(image, Image.Image):
+            image.load()  # decodes a lazily opened file now: a truncated or oversized one fails here
+            if image.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa"):
+                return image.convert("RGB")
+            values = np.asarray(image)
+        else:
+            values = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    except ValueError:
+        raise
+    except Exception as error:  # PIL's decoders raise OSError, SyntaxError, DecompressionBombError, ...
+        raise ValueError(f"{type(error).__name__}: {error}") from error
+    if values.ndim == 3 and values.shape[0] in (1, 3, 4) and values.shape[-1] not in (1, 3, 4):
+        values = values.transpose(1, 2, 0)  # channels first -> last
+    if values.ndim == 3 and values.shape[-1] == 1:
+        values = values[..., 0]
+    if values.ndim not in (2, 3) or (values.ndim == 3 and values.shape[-1] not in (3, 4)):
+        raise ValueError(f"expected an image of shape (H, W), (H, W, 3) or (H, W, 4), got {tuple(values.shape)}")
+    if values.dtype == bool:
+        values = values.astype(np.uint8) * 255
+    elif values.dtype != np.uint8:
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not np.isfinite([low, high]).all() or low < 0:
+            raise ValueError(
+                f"{values.dtype} values in [{low:g}, {high:g}]: pass 8-bit values (0-255), 16-bit ones (0-65535) "
+                "or floats in [0, 1]"
+            )
+        if np.issubdtype(values.dtype, np.floating):
+            scale = 255.0 if high <= 1.0 else 1.0
+            if high * scale > 255.0:
+                raise ValueError(f"float values in [{low:g}, {high:g}]: pass floats in [0, 1] (or 0-255)")
+        elif values.dtype == np.uint16 or (high > 255 and high <= 65535):
+            scale = 255.0 / 65535.0
+        elif high <= 255:
+            scale = 1.0
+        else:
+            raise ValueError(f"{values.dtype} values up to {high:g}: pass 8-bit (0-255) or 16-bit (0-65535) values")
+        values = np.clip(np.rint(values.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(values).convert("RGB")
 
 
 def _check_characters(name: str, text: str, index: int, batched: bool) -> None:
@@ -367,14 +420,13 @@ class VisInContextProcessor(ProcessorMixin):
                 _check_characters("context", c, i, batched)
         for i, sample_images in enumerate(per_sample):
             for j, image in enumerate(sample_images):
-                if isinstance(image, str):  # a path or URL (chat content items may give them)
-                    try:
-                        sample_images[j] = image = load_image(image)
-                    except (OSError, ValueError) as error:
-                        raise ValueError(f"images: image {j} of sample {i} cannot be loaded ({error})") from None
                 size = image.size if isinstance(image, Image.Image) else getattr(image, "shape", None)
                 if size is not None and 0 in tuple(size)[:2]:
                     raise ValueError(f"images: image {j} of sample {i} is empty ({'x'.join(map(str, size))})")
+                try:  # paths, bytes, lazily opened files, 16-bit and float images: one conversion for all
+                    sample_images[j] = to_rgb_image(image)
+                except ValueError as error:
+                    raise ValueError(f"images: image {j} of sample {i} cannot be loaded ({error})") from None
         return texts, per_sample, contexts, batched
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):

@@ -10,6 +10,7 @@ any process, whatever was rendered before and in any thread) and tens of times f
 page with `ImageDraw.text`.
 """
 
+import functools
 import re
 import threading
 import unicodedata
@@ -46,12 +47,37 @@ def check_text(name: str, text: str, sample: int | None = None) -> None:
         )
 
 
+# Unicode's stream-safe limit (UAX #15, section 13): no run of non-starters (combining marks) longer than 30. Past it a
+# run draws nothing more in a cell, and NFC's canonical reordering of one run takes time quadratic in its length.
+MAX_COMBINING_RUN = 30
+
+
+@functools.cache
+def _non_starters() -> np.ndarray:
+    """(0x110000,) bool: codepoints with a non-zero canonical combining class."""
+    return np.array([unicodedata.combining(chr(c)) != 0 for c in range(0x110000)])
+
+
+def _cap_combining_runs(text: str) -> str:
+    """Keeps the first `MAX_COMBINING_RUN` marks of each longer run of combining marks. O(len(text))."""
+    codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    if len(codepoints) <= MAX_COMBINING_RUN or codepoints.max() < 0x300:  # U+0300 is the first combining mark
+        return text
+    index = np.arange(len(codepoints))
+    last_starter = np.maximum.accumulate(np.where(_non_starters()[codepoints], -1, index))
+    keep = index - last_starter <= MAX_COMBINING_RUN  # a run with no starter before it counts from -1
+    return text if keep.all() else codepoints[keep].tobytes().decode("utf-32-le", "surrogatepass")
+
+
 def normalize_text(text: str, tab_size: int = 4) -> str:
     """`\\r\\n`, `\\r` and the Unicode line/paragraph separators become `\\n`; tabs become spaces; other control
-    characters are dropped; then NFC. Idempotent: normalising the result again changes nothing (NFC comes last,
-    after every character that could separate a base from its marks is gone)."""
+    characters are dropped; runs of more than `MAX_COMBINING_RUN` combining marks keep their first 30 (Unicode's
+    stream-safe limit); then NFC. Linear in the length of `text`. Idempotent: normalising the result again changes
+    nothing (NFC comes after every character that could separate a base from its marks is gone, and the runs are
+    capped again after it, since NFC can decompose a mark into two)."""
     text = text.replace("\r\n", "\n").translate(_LINE_BREAKS).replace("\t", " " * tab_size)
-    return unicodedata.normalize("NFC", _CONTROL.sub("", text))
+    text = _cap_combining_runs(_CONTROL.sub("", text))
+    return _cap_combining_runs(unicodedata.normalize("NFC", text))
 
 
 # ---- reading targets -----------------------------------------------------------------------------
