@@ -64,6 +64,10 @@ class VisInContextConfig(PreTrainedConfig):
         reading_cells_per_latent (`int`, defaults to 8):
             Page cells each latent reads. With the default layout (rows one patch tall, two characters per patch)
             a 224x224 page with 16-px patches has 14 x 28 = 392 cells: 64 latents x 8 cover them all.
+        vision_features (`"last_hidden_state"` or `"normed_patches"`, defaults to `"last_hidden_state"`):
+            What the resamplers read from the vision tower: its `last_hidden_state`, or (CLIP towers) the tower's
+            post-layernorm applied to the patch tokens, class token dropped, which is what OpenCLIP's
+            `output_tokens=True` returns and OpenFlamingo's resampler was trained on.
         freeze_vision_tower (`bool`, defaults to `True`) / freeze_language_model (`bool`, defaults to `True`):
             Freeze the backbones. New parts (resamplers, cross-attention, media token embeddings,
             TCCL heads) always stay trainable.
@@ -114,6 +118,7 @@ class VisInContextConfig(PreTrainedConfig):
     cross_attention_ff_mult: int = 4
     only_attend_immediate_media: bool = True
     latent_fusion: Literal["sum", "concat"] = "sum"
+    vision_features: Literal["last_hidden_state", "normed_patches"] = "last_hidden_state"
     contrastive_loss_weight: float = 0.5
     contrastive_temperature_init: float = 0.07
     contrastive_dim: int = 256
@@ -178,6 +183,10 @@ class VisInContextConfig(PreTrainedConfig):
             )
         if self.latent_fusion not in ("sum", "concat"):
             raise ValueError(f"latent_fusion: expected 'sum' or 'concat', got {self.latent_fusion!r}")
+        if self.vision_features not in ("last_hidden_state", "normed_patches"):
+            raise ValueError(
+                f"vision_features: expected 'last_hidden_state' or 'normed_patches', got {self.vision_features!r}"
+            )
         if self.reading_loss_weight < 0:
             raise ValueError(f"reading_loss_weight: expected a number >= 0, got {self.reading_loss_weight}")
 

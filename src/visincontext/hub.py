@@ -117,6 +117,7 @@ def build_model_card(
     datasets: list[str] | None = None,
     license: str = "apache-2.0",
     tags: list[str] | None = None,
+    provenance: str | None = None,
 ) -> ModelCard:
     """The model card of a VisInContext model, rendered from `hub_cards/model_card.md` with `ModelCard`.
 
@@ -125,6 +126,7 @@ def build_model_card(
         written to the `model-index` metadata and to the evaluation table.
     training_args: the `TrainingArguments` of the run (or a dict), summarised in the card.
     base_models: Hub ids of the vision tower and the language model.
+    provenance: where the weights came from (e.g. a converted checkpoint and its licence), put first under Training.
     """
     config = model.config
     vision, text = config.vision_config, config.text_config
@@ -166,7 +168,7 @@ def build_model_card(
         max_pages=renderer.max_pages if renderer else "-",
         num_parameters=f"{num_parameters:,}",
         num_trainable=f"{num_trainable:,}",
-        training_details=_training_details(training_args, datasets),
+        training_details="\n\n".join(part for part in (provenance, _training_details(training_args, datasets)) if part),
         evaluation_table=_evaluation_table(eval_results),
     )
 

@@ -617,6 +617,16 @@ def _resolve_attention(backbone: PreTrainedModel) -> None:
         backbone.set_attn_implementation("eager")
 
 
+def _vision_body(vision_tower: nn.Module) -> nn.Module:
+    """A CLIP-like tower's transformer (`vision_model` in older transformers, the tower itself in newer)."""
+    return getattr(vision_tower, "vision_model", vision_tower)
+
+
+def _has_class_token_and_post_layernorm(vision_tower: nn.Module) -> bool:
+    body = _vision_body(vision_tower)
+    return hasattr(body, "post_layernorm") and hasattr(getattr(body, "embeddings", None), "class_embedding")
+
+
 class VisInContextPreTrainedModel(PreTrainedModel):
     config: VisInContextConfig
     config_class = VisInContextConfig
@@ -760,6 +770,11 @@ class VisInContextModel(VisInContextPreTrainedModel):
         )
         for backbone in (self.vision_tower, self.language_model):
             _resolve_attention(backbone)
+        if config.vision_features == "normed_patches" and not _has_class_token_and_post_layernorm(self.vision_tower):
+            raise ValueError(
+                f"vision_features: 'normed_patches' needs a CLIP-like tower (a class token and a post-layernorm); "
+                f"{type(self.vision_tower).__name__} has none"
+            )
         self._wrap_language_model()
         self.post_init()
         self._freeze_backbones()
@@ -807,14 +822,22 @@ class VisInContextModel(VisInContextPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
+    def _patch_features(self, vision_outputs) -> torch.Tensor:
+        """The features the resamplers read (`config.vision_features`): (M, n, D)."""
+        features = vision_outputs.last_hidden_state
+        if self.config.vision_features == "normed_patches":  # OpenCLIP's output tokens, as OpenFlamingo reads them
+            features = _vision_body(self.vision_tower).post_layernorm(features)[:, 1:]
+        return features
+
     @can_return_tuple
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
-        """pixel_values: (M, 3, H, W) -> `last_hidden_state` (M, n, D) patch features and `pooler_output`
-        (M, L, D) image-resampler latents."""
+        """pixel_values: (M, 3, H, W) -> `last_hidden_state` (M, n, D) patch features (`config.vision_features`)
+        and `pooler_output` (M, L, D) image-resampler latents."""
         vision_outputs = self.vision_tower(pixel_values=pixel_values, **kwargs)
+        features = self._patch_features(vision_outputs)
         return BaseModelOutputWithPooling(
-            last_hidden_state=vision_outputs.last_hidden_state,
-            pooler_output=self.image_resampler(vision_outputs.last_hidden_state),
+            last_hidden_state=features,
+            pooler_output=self.image_resampler(features),
             hidden_states=vision_outputs.hidden_states,
             attentions=vision_outputs.attentions,
         )
@@ -840,7 +863,7 @@ class VisInContextModel(VisInContextPreTrainedModel):
         ]
         frames = torch.cat(groups)  # (M, 3, H, W)
         dtype = self.vision_tower.dtype
-        features = self.vision_tower(pixel_values=frames.to(dtype)).last_hidden_state if len(frames) else None
+        features = self._patch_features(self.vision_tower(pixel_values=frames.to(dtype))) if len(frames) else None
         outputs, start = [], 0
         for values, mask, resampler in (
             (pixel_values, image_mask, self.image_resampler),
@@ -1459,6 +1482,12 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
             end_of_chunk_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN),
             **config_kwargs,
         )
+        return cls._around_backbones(config, vision_tower, causal_lm, tokenizer)
+
+    @classmethod
+    def _around_backbones(cls, config, vision_tower, causal_lm, tokenizer) -> "VisInContextForConditionalGeneration":
+        """The model built around loaded backbones, with the vocabulary of `tokenizer` (`from_backbones`, and the
+        OpenFlamingo converter)."""
         # Built around the loaded modules (as transformers' EncoderDecoderModel is): no weights are copied or renamed.
         # The new parts are made in the LM's dtype, as `from_pretrained` makes a model: casting the whole model
         # afterwards would also cast the buffers the LM keeps in float32 (its rotary frequencies).

@@ -285,14 +285,18 @@ class VisInContextProcessor(ProcessorMixin):
     # ---- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def from_backbones(cls, vision_model: str, language_model: str, tokenizer_kwargs: dict | None = None, **kwargs):
+    def from_backbones(
+        cls, vision_model: str, language_model: str, tokenizer_kwargs: dict | None = None, tokenizer=None, **kwargs
+    ):
         """Image processor from the vision checkpoint, tokenizer from the LM's, pages shaped to the tower:
         page = `image_size`, row height = `patch_size` (the same ids as
-        `VisInContextForConditionalGeneration.from_backbones`)."""
+        `VisInContextForConditionalGeneration.from_backbones`). `tokenizer`: a loaded tokenizer to use instead of
+        the LM's (e.g. one whose media tokens a converted checkpoint placed)."""
         from transformers import AutoConfig
 
         image_processor = AutoImageProcessor.from_pretrained(vision_model)
-        tokenizer = AutoTokenizer.from_pretrained(language_model, **(tokenizer_kwargs or {}))
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(language_model, **(tokenizer_kwargs or {}))
         vision_config = AutoConfig.from_pretrained(vision_model)
         vision_config = getattr(vision_config, "vision_config", vision_config)
         settings = dict(
