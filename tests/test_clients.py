@@ -157,6 +157,72 @@ def test_fsdp2_on_two_processes_trains_as_one_process_and_saves_the_package_fold
     assert generate_in_a_bare_process(folder) == generate_in_a_bare_process(reference_folder)
 
 
+# ---- FSDP1 (torch's FullyShardedDataParallel) -----------------------------------------------------------------
+# accelerate cannot run its FSDP1 plugin on CPU (it passes `device_id=cpu:0`, which FSDP1 rejects as "Inconsistent
+# compute device", and refuses `sync_module_states` on CPU), so this wraps the model with torch's FSDP1 directly: the
+# wrap units accelerate's TRANSFORMER_BASED_WRAP would choose (`_no_split_modules`), 2 gloo processes.
+
+FSDP1_STEP = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from visincontext.testing import open_gates, sample_batch, tiny_model
+dist.init_process_group("gloo")
+rank, checkpointing = dist.get_rank(), sys.argv[1] == "1"
+# no contrastive loss: it compares a batch's samples with each other, and each process holds one
+model = open_gates(tiny_model(seed=0, contrastive_loss_weight=0.0), 0.5).train()
+units = {type(m) for m in model.modules() if type(m).__name__ in model._no_split_modules}
+batch = sample_batch()
+# each process's sample has images and pages (2 and 1, 1 and 2), so that every wrap unit runs in both processes
+batch["image_mask"] = torch.tensor([[True, True], [True, False]])
+batch["context_mask"] = torch.tensor([[True, False, False], [True, True, False]])
+batch["labels"] = batch["input_ids"]
+reference = tiny_model(seed=0, contrastive_loss_weight=0.0)
+open_gates(reference, 0.5).train()(**batch).loss.backward()  # both samples in one process, unwrapped
+wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy(units), device_id=torch.device("cpu"), use_orig_params=True)
+if checkpointing:
+    apply_activation_checkpointing(wrapped, check_fn=lambda module: isinstance(module, tuple(units)))
+loss = wrapped(**{key: value[rank : rank + 1] for key, value in batch.items()}).loss  # one sample per process
+loss.backward()
+losses = [torch.zeros(1), torch.zeros(1)]
+dist.all_gather(losses, loss.detach().reshape(1))
+with FSDP.summon_full_params(wrapped, with_grads=True):
+    gradients = {name: p.grad for name, p in wrapped.named_parameters() if p.grad is not None}
+    expected = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+    gradients = {
+        name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""): g
+        for name, g in gradients.items()
+    }
+    assert set(expected) <= set(gradients), sorted(set(expected) - set(gradients))[:4]
+    # a parameter of a flat parameter that the loss does not reach gets a zero gradient under FSDP1, none unwrapped
+    worst = max((g - expected.get(name, torch.zeros_like(g))).abs().max().item() for name, g in gradients.items())
+if rank == 0:
+    with torch.no_grad():
+        full = reference(**batch).loss.item()
+    print("RESULT", (sum(losses) / 2).item(), full, worst, len(gradients))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True], ids=["", "activation checkpointing"])
+def test_fsdp1_on_two_processes_computes_the_one_process_loss_and_gradients(activation_checkpointing, tmp_path):
+    script = tmp_path / "fsdp1_step.py"
+    script.write_text(FSDP1_STEP)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
+    run = subprocess.run(
+        [*command, str(script), str(int(activation_checkpointing))],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src")),
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    sharded_loss, full_loss, worst_gradient, parameters = map(float, run.stdout.split("RESULT")[-1].split())
+    assert abs(sharded_loss - full_loss) < 1e-5, (sharded_loss, full_loss)
+    assert worst_gradient < 1e-5 and parameters > 50, (worst_gradient, parameters)
+
+
 # ---- whatever wraps the model, its saved folder is the package's ---------------------------------------------
 
 WRAPPED_IN_ONE_PROCESS = """
