@@ -4,7 +4,7 @@ context pages, token masking of image latents and the text-centric contrastive l
     python examples/pretrain.py --output_dir outputs/pretrain --max_steps 30
     python examples/pretrain.py --vision_model openai/clip-vit-large-patch14 \
         --language_model mistralai/Mistral-7B-v0.1 --dataset HuggingFaceM4/OBELICS --streaming \
-        --output_dir outputs/pretrain --max_steps 10000 --bf16 --gradient_checkpointing
+        --output_dir outputs/pretrain --max_steps 10000 --bf16 --activation_checkpointing
     accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml examples/pretrain.py ...
 
 Without a model it trains a tiny random one on the sample data in examples/data (offline, CPU).

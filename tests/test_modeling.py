@@ -395,7 +395,7 @@ def test_gradient_checkpointing_matches():
     for checkpointing in (False, True):
         model = open_gates(tiny_model(freeze_language_model=False), 0.3).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
         out = model(**batch, labels=batch["input_ids"], context_input_ids=batch["input_ids"])
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -354,6 +354,10 @@ def test_keys_that_do_not_map_and_wrong_settings_are_errors_naming_them(openflam
     as_mpt = {key.replace(f"lang_encoder.{layers}.", "lang_encoder.transformer.blocks."): v for key, v in state.items()}
     with pytest.raises(ValueError, match=r"cross-attention sits in the decoder layers `transformer\.blocks`.*MPT"):
         convert_with(as_mpt)  # an MPT-based release (3B, 9B) against a language model the package can wrap
+    with pytest.raises(TypeError, match="language_model: expected a Hub id or a local folder"):
+        convert_openflamingo_checkpoint(root, backbones[0], root / "lm")
+    with pytest.raises(ValueError, match="cross_attn_every_n_layers: expected a positive integer, got True"):
+        convert_openflamingo_checkpoint(root, *backbones, True)
     with pytest.raises(ValueError, match="context_resampler: expected one of"):
         convert_openflamingo_checkpoint(root, *backbones, context_resampler="text")
     with pytest.raises(ValueError, match="checkpoint_path: no OpenFlamingo checkpoint at"):

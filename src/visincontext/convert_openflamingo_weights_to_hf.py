@@ -46,7 +46,7 @@ _UNSUPPORTED = {
 }
 
 
-def load_openflamingo_state_dict(checkpoint_path: str) -> dict[str, torch.Tensor]:
+def load_openflamingo_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Tensor]:
     """The model weights of an OpenFlamingo `checkpoint.pt` (a released one, or a training checkpoint with its
     `model_state_dict`), or of a folder holding one. Loaded with `weights_only=True`: no code is unpickled."""
     path = Path(checkpoint_path)
@@ -90,7 +90,7 @@ def _cross_attention_layers(state: dict, layers_path: str, language_model_name: 
             f"language_model: the checkpoint's cross-attention sits in the decoder layers `{sorted(paths)[0]}`, but "
             f"{language_model_name} keeps them in `{layers_path}`: convert with the language model it was trained "
             "with (the package wraps decoder stacks that keep a `layers` list and pass keyword arguments to their "
-            "layers: Llama, Mistral, Qwen2, ...; MPT and GPT-NeoX do not)"
+            "layers: Llama, Mistral, Qwen2, GPT-NeoX, ...; MPT does not)"
         )
     if not found:
         raise ValueError("checkpoint_path: no gated cross-attention block (`gated_cross_attn_layer`) in the checkpoint")
@@ -119,12 +119,13 @@ def map_openflamingo_key(key: str, layers_path: str) -> tuple[str, str] | None:
     return None
 
 
-def _parameter_name(module: torch.nn.Module, parameter: torch.nn.Parameter) -> str:
-    return next(name for name, p in module.named_parameters(remove_duplicate=False) if p is parameter)
+def _weight_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
+    """The state-dict name of `module`'s weight inside `model` (its embedding or output head), or None."""
+    return next((f"{name}.weight" for name, m in model.named_modules(remove_duplicate=False) if m is module), None)
 
 
 def convert_openflamingo_checkpoint(
-    checkpoint_path: str,
+    checkpoint_path: str | Path,
     vision_model: str,
     language_model: str,
     cross_attn_every_n_layers: int | None = None,
@@ -142,10 +143,17 @@ def convert_openflamingo_checkpoint(
     in-context text resampler starts as a copy of the converted image resampler ("image") or freshly initialised
     ("fresh"); the contrastive head is always fresh.
     """
+    for name, value in (("vision_model", vision_model), ("language_model", language_model)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name}: expected a Hub id or a local folder (str), got {type(value).__name__}")
+    if not isinstance(checkpoint_path, (str, Path)):
+        raise TypeError(f"checkpoint_path: expected a path (str or Path), got {type(checkpoint_path).__name__}")
     if context_resampler not in CONTEXT_RESAMPLER_STARTS:
         raise ValueError(f"context_resampler: expected one of {CONTEXT_RESAMPLER_STARTS}, got {context_resampler!r}")
     if cross_attn_every_n_layers is not None and (
-        not isinstance(cross_attn_every_n_layers, int) or cross_attn_every_n_layers < 1
+        not isinstance(cross_attn_every_n_layers, int)
+        or isinstance(cross_attn_every_n_layers, bool)
+        or cross_attn_every_n_layers < 1
     ):
         raise ValueError(f"cross_attn_every_n_layers: expected a positive integer, got {cross_attn_every_n_layers!r}")
     state = load_openflamingo_state_dict(checkpoint_path)
@@ -158,9 +166,8 @@ def convert_openflamingo_checkpoint(
     layers_path = f"{causal_lm.base_model_prefix}.layers"
     layers = _cross_attention_layers(state, layers_path, type(causal_lm).__name__)  # first: the path the keys use
     lm_state = causal_lm.state_dict()
-    input_embedding = _parameter_name(causal_lm, causal_lm.get_input_embeddings().weight)
-    head = causal_lm.get_output_embeddings()
-    output_embedding = next((f"{name}.weight" for name, m in causal_lm.named_modules() if m is head), None)
+    input_embedding = _weight_name(causal_lm, causal_lm.get_input_embeddings())
+    output_embedding = _weight_name(causal_lm, causal_lm.get_output_embeddings())
 
     # every key maps, or the conversion stops naming the ones that do not
     converted, embedding_rows, errors = {}, {}, []

@@ -129,6 +129,8 @@ def to_rgb_image(image) -> Image.Image:
             image = Image.open(io.BytesIO(bytes(image)))
         if isinstance(image, Image.Image):
             image.load()  # decodes a lazily opened file now: a truncated or oversized one fails here
+            if image.mode == "RGB":  # most images, and every one `data.load_image` gave: no copy
+                return image
             if image.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa"):
                 return image.convert("RGB")
             values = np.asarray(image)
