@@ -93,16 +93,18 @@ def bare_lm(model):
             continue
         state[key.replace(".decoder_layer.", ".")] = value
     media = list(model.config.media_token_ids)  # inside or past the vocabulary; ids between are never used
-    embed = body.embed_tokens.weight.new_zeros(model.config.output_vocab_size, text_config.hidden_size)
-    embed[: body.embed_tokens.weight.shape[0]] = body.embed_tokens.weight
-    embed[media] = body.embed_tokens.media_embedding.weight
-    state["embed_tokens.weight"] = embed
-    lm.model.load_state_dict(state)
+    embedding = body.get_input_embeddings()  # embed_tokens (Llama, ...), embed_in (GPT-NeoX)
+    name = next(name for name, module in body.named_children() if module is embedding)
+    embed = embedding.weight.new_zeros(model.config.output_vocab_size, text_config.hidden_size)
+    embed[: embedding.weight.shape[0]] = embedding.weight
+    embed[media] = embedding.media_embedding.weight
+    state[f"{name}.weight"] = embed
+    lm.base_model.load_state_dict(state)
     head = torch.zeros_like(embed)
     head[: model.lm_head.weight.shape[0]] = model.lm_head.weight
     head[media] = model.lm_head.media_head.weight
     with torch.no_grad():
-        lm.lm_head.weight.copy_(head)
+        lm.get_output_embeddings().weight.copy_(head)
     return lm
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_invariants import check, library_warnings, measure
 from tiny import text_config, tiny_config, tiny_tokenizer, vision_config
 from transformers import (
     AutoModelForCausalLM,
@@ -27,6 +28,7 @@ from transformers import (
     GPTNeoXConfig,
 )
 
+from visincontext import VisInContextForConditionalGeneration
 from visincontext.convert_openflamingo_weights_to_hf import (
     convert_openflamingo_checkpoint,
     main,
@@ -397,3 +399,14 @@ def test_the_readme_conversion_command_is_one_the_script_accepts(tmp_path, monke
         "openai/clip-vit-large-patch14",
         4,
     )
+
+
+def test_a_converted_model_keeps_the_model_invariants(openflamingo_checkpoint):
+    """The converter's model, like every constructor's (tests/test_construction.py): causal, cached generation =
+    uncached, zero gates = the bare language model, saved and reloaded = itself, and no library warning."""
+    root = openflamingo_checkpoint["root"]
+    with library_warnings() as said:
+        model, _, _ = convert_openflamingo_checkpoint(root, str(root / "clip"), str(root / "lm"))
+        result = measure(model, reload=VisInContextForConditionalGeneration.from_pretrained, seeds=3)
+    result["warnings"] = said
+    check(result)
