@@ -166,7 +166,7 @@ def test_install_lines_install_the_package_and_its_extras(tmp_path):
     sees this environment's packages through a .pth file (so only visincontext itself is built and installed,
     and nothing is downloaded but the build backend)."""
     lines = command_lines(blocks("bash")[1])
-    assert [line.split()[:2] for line in lines] == [["pip", "install"]] * 5
+    assert [line.split()[:2] for line in lines] == [["pip", "install"]] * 6
     flash = [line for line in lines if "[flash]" in line]
     assert len(flash) == 1 and "CUDA only" in blocks("bash")[1]  # flash-attn builds against CUDA: not run here
     venv = tmp_path / "venv"
@@ -207,6 +207,7 @@ def test_install_lines_install_the_package_and_its_extras(tmp_path):
         'deepspeed>=0.17; extra == "deepspeed"',
         'flash-attn>=2.6; extra == "flash"',
         'trl>=1.16; extra == "trl"',
+        'transformers[serving]<6,>=5.25; extra == "serve"',
     ):
         assert requirement in extras, extras
 
