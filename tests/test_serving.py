@@ -253,3 +253,19 @@ def test_the_readme_serving_commands_run_as_written(folder, tmp_path):
         answer = json.loads(result.stdout)
         assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] == 16
         assert isinstance(answer["choices"][0]["message"]["content"], str)
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_a_data_url_gives_the_pixels_transformers_load_image_gives(image_format):
+    from transformers.image_utils import load_image
+
+    from visincontext.serving import image_from_url
+
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotated 90 degrees; both must turn it upright
+    pixels = torch.randint(0, 256, (30, 40, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(buffer, format=image_format, exif=exif)
+    url = f"data:image/{image_format.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+    ours, theirs = image_from_url(url, "image_url"), load_image(url)
+    assert ours.size == theirs.size == (30, 40) and ours.tobytes() == theirs.tobytes()

@@ -55,16 +55,33 @@ def check_serve_available() -> None:
 def image_from_url(url, where: str):
     """An image item's `url` as a PIL image: a `data:image/...;base64,` URL or an http(s) address. A path on the
     server's disk is refused: a request must not read the server's files."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
     from transformers.image_utils import load_image
 
     if not isinstance(url, str):
         raise ValueError(f"{where}: expected a URL string, got {type(url).__name__}")
-    if not url.startswith(("data:image/", "http://", "https://")):
+    if url.startswith(("http://", "https://")):
+        try:
+            return load_image(url, timeout=30)
+        except Exception as error:  # a failed download, or what came back is no image
+            raise ValueError(f"{where}: unreadable image at {url[:80]!r} ({type(error).__name__})") from None
+    header, comma, data = url.partition(",")
+    if not (url.startswith("data:image/") and header.endswith(";base64") and comma):
         raise ValueError(f"{where}: expected a data:image/...;base64, URL or an http(s) URL, got {url[:40]!r}")
     try:
-        return load_image(url)
-    except Exception as error:  # PIL's UnidentifiedImageError, a bad base64 string, a failed download
-        raise ValueError(f"{where}: unreadable image ({type(error).__name__})") from None
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        image.load()
+    except binascii.Error:
+        raise ValueError(f"{where}: the data URL is not valid base64") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:  # PIL's decoders raise these for bad bytes
+        raise ValueError(
+            f"{where}: unreadable image ({error.__class__.__name__}: not a PNG, JPEG, ... PIL reads)"
+        ) from None
+    return ImageOps.exif_transpose(image).convert("RGB")  # as `transformers.image_utils.load_image` does
 
 
 def messages_to_conversation(messages) -> list[dict]:
