@@ -22,6 +22,7 @@ REMOTE_CODE = {
     "processing_visincontext.py",
     "rendering_visincontext.py",
     "fonts_visincontext.py",
+    "chat_visincontext.py",
 }
 AUTO_MAP = {
     "AutoConfig": "configuration_visincontext.VisInContextConfig",

@@ -204,3 +204,38 @@ def test_a_processor_saved_after_right_padded_batches_still_pads_left(tmp_path):
         [1, 0, 0],
         [1, 1, 1],
     ]
+
+
+# ---- one door for context: text, or text rendered ahead of time ------------------------------------------------------
+
+
+@pytest.mark.parametrize("words", [0, 3, 40, 400])
+def test_a_rendered_text_gives_what_its_text_gives(words):
+    """`processor(context=RenderedText)` (pages rendered ahead of time) is `processor(context=str)`: pixels, mask,
+    reading targets, context tokens and cut characters alike."""
+    processor = tiny_processor(max_pages=3)
+    texts = [" ".join(f"word{i}" for i in range(words)), "a second sample's context"]
+    options = dict(return_context_ids=True, reading_layout=(4, 8), return_tensors="pt")
+    prompts = ["Question one?", "Question two?"]
+    from_text = processor(text=prompts, context=texts, **options)
+    from_pages = processor(text=prompts, context=[processor.render(t) for t in texts], **options)
+    assert from_text.keys() == from_pages.keys()
+    for key in from_text:
+        assert torch.equal(from_text[key], from_pages[key]), key
+
+
+def test_a_rendered_text_that_does_not_fit_the_processor_is_refused():
+    from dataclasses import replace
+
+    processor = tiny_processor(max_pages=2)
+    rendered = tiny_processor(max_pages=8).render("some words " * 30)
+    assert len(rendered) > 2
+    with pytest.raises(ValueError, match="context: RenderedText 0 has .* over max_pages=2"):
+        processor(text="Q?", context=rendered)
+    small = processor.renderer.render("a few words")
+    with pytest.raises(ValueError, match=r"context: RenderedText 0 has pages of shape \(1, 16, 16\)"):
+        processor(text="Q?", context=replace(small, pages=small.pages[:, :16, :16]))
+    with pytest.raises(ValueError, match="context: RenderedText 0 has 1 pages but 0 cell grids"):
+        processor(text="Q?", context=replace(small, cells=small.cells[:0]))
+    with pytest.raises(TypeError, match="context: expected a string, RenderedText or None, got bytes at index 0"):
+        processor(text="Q?", context=b"bytes")

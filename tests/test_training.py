@@ -327,12 +327,20 @@ def test_prerendered_pages_match_rendering_on_the_fly():
     assert ahead.features["context_pages"].shape[1:] == (32, 32)
     on_the_fly, _ = format_dataset(rows, "interleaved", image_root=str(OBELICS.parent))
     stored, _ = format_dataset(ahead, "interleaved", image_root=str(OBELICS.parent))
-    collator = VisInContextCollator(processor, return_context_ids=True)
+    collator = VisInContextCollator(processor, return_context_ids=True, reading_layout=(4, 8))
     a = collator([on_the_fly[i] for i in range(6)])
     b = collator([stored[i] for i in range(6)])
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and "context_reading_targets" in a
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # the stored pages come back as the RenderedText they were: each page's text, cut characters, cells
+    from visincontext.data import sample_context
+
+    for i in range(6):
+        fresh, kept = processor.render(on_the_fly[i]["context"]), sample_context(stored[i])
+        assert [fresh.text[a:b] for a, b in fresh.spans] == [kept.text[a:b] for a, b in kept.spans]
+        assert kept.kept_text == fresh.kept_text and kept.cut_characters == fresh.cut_characters
+        assert np.array_equal(kept.pages, fresh.pages) and np.array_equal(kept.cells, fresh.cells)
 
 
 # ---- the user's path (issue 16) ------------------------------------------------------------------------------

@@ -18,11 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .chat_visincontext import conversation_context
 from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
 from .processing_visincontext import to_rgb_image
+from .rendering_visincontext import RenderedText
 
 ROW_KINDS = ("interleaved", "mmc4", "pair", "text", "vqa", "chat", "mimicit")
 IN_CONTEXT_MODES = ("text", "rendered")
+# what `prerender` adds to a row: a `RenderedText` (see `sample_context`); `context_spans` since 0.2
+PRERENDERED_COLUMNS = ("context_pages", "context_cells", "context_text", "context_spans", "context_cut_characters")
 
 
 def load_image(value: Any, image_root: str | None = None) -> Image.Image:
@@ -240,7 +244,7 @@ def conversation_sample(messages: list[dict], processor, image_root: str | None 
     context items joined, and `train_spans`: where each assistant turn (with its `<|endofchunk|>`) stands, the
     only characters trained on. A turn's place is found by laying out the messages before it with a generation
     prompt: a template that does not lay out a conversation's start the same way on its own is an error."""
-    context = processor._conversation_context(messages, tokenize=True)
+    context = conversation_context(messages, tokenize=True)
     images = [
         load_image(item["image"] if item.get("image") is not None else item.get("path"), image_root)
         for message in messages
@@ -303,8 +307,7 @@ def format_dataset(dataset, kind: str, skip_bad_rows: bool = False, **format_kwa
         if streamed:  # a stream's index restarts in every DataLoader worker and process: the row's content is its key
             sample["row_key"] = row_key(row)
         if "context_pages" in row:  # rendered ahead of time by `prerender`
-            for key in ("context_pages", "context_cells", "context_text", "context_cut_characters"):
-                sample[key] = row[key]
+            sample.update({key: row[key] for key in PRERENDERED_COLUMNS if key in row})
         return sample
 
     if streamed:
@@ -456,38 +459,17 @@ class VisInContextCollator:
         except (OSError, ValueError) as error:
             rows = [s.get("row_index") for s in samples]
             raise ValueError(f"an image of rows {rows} cannot be read: {error}") from error
-        text_kwargs = dict(padding=True, padding_side="right", return_offsets_mapping=True)
-        prerendered = all("context_pages" in s for s in samples)
         batch = self.processor(
             images=images,
             text=texts,
-            context=None if prerendered else [s.get("context") for s in samples],
+            context=[sample_context(s) for s in samples],
             return_tensors="pt",
-            return_context_ids=self.return_context_ids and not prerendered,
-            reading_layout=None if prerendered else self.reading_layout,
-            **text_kwargs,
+            return_context_ids=self.return_context_ids,
+            reading_layout=self.reading_layout,
+            padding=True,
+            padding_side="right",
+            return_offsets_mapping=True,
         )
-        if prerendered:
-            pixels, mask = self.processor.pages_to_pixel_values(
-                [np.asarray(s["context_pages"], np.uint8) for s in samples]
-            )
-            batch["context_pixel_values"], batch["context_mask"] = pixels, mask
-            batch["context_cut_characters"] = torch.tensor([s["context_cut_characters"] for s in samples])
-            if self.reading_layout:
-                cells = [np.asarray(s["context_cells"], np.int32) for s in samples]
-                batch["context_reading_targets"] = self.processor.reading_targets(cells, *self.reading_layout)
-            if self.return_context_ids:
-                tokens = self.processor.tokenizer(
-                    [s["context_text"] for s in samples],
-                    padding=True,
-                    padding_side="right",
-                    return_tensors="pt",
-                    add_special_tokens=False,
-                )
-                batch["context_input_ids"], batch["context_attention_mask"] = (
-                    tokens["input_ids"],
-                    tokens["attention_mask"],
-                )
         if self.max_length is not None and batch["input_ids"].shape[1] > self.max_length:
             self._truncate(batch, samples)
         offsets = batch.pop("offset_mapping")  # (B, T, 2): character span of each token
@@ -507,6 +489,25 @@ class VisInContextCollator:
         return dict(batch)
 
 
+def sample_context(sample: dict):
+    """A sample's context as the processor takes it: the pages `prerender` stored for it, as the `RenderedText` they
+    came from, else its text (or None)."""
+    if "context_pages" not in sample:
+        return sample.get("context")
+    text, cut = sample["context_text"], int(sample["context_cut_characters"])
+    pages = np.asarray(sample["context_pages"], np.uint8)
+    spans = sample.get("context_spans")  # per page, into the kept text (older prerendered sets: the text as one)
+    spans = [tuple(span) for span in spans] if spans is not None else ([(0, len(text))] * bool(len(pages)))
+    return RenderedText(
+        pages=pages,
+        spans=spans,
+        text=text,
+        cells=np.asarray(sample["context_cells"], np.int32),
+        truncated=cut > 0,
+        cut_characters=cut,
+    )
+
+
 def _warn_once(collator, message: str) -> None:
     if not getattr(collator, "_warned", False):
         from transformers.utils import logging
@@ -517,20 +518,21 @@ def _warn_once(collator, message: str) -> None:
 
 def prerender(dataset, kind: str, processor, num_proc: int | None = None, skip_bad_rows: bool = False, **format_kwargs):
     """Renders every row's context ahead of time with `datasets.map(num_proc=...)`, adding `context_pages`
-    (`(P, H, W)` uint8), `context_cells` (their layout, for reading targets) and `context_text` (the text the pages
-    hold) columns; `format_dataset` and the collator
+    (`(P, H, W)` uint8), `context_cells` (their layout, for reading targets), `context_text` (the text the pages
+    hold) and `context_spans` (each page's slice of it) columns; `format_dataset` and the collator
     then use those pages instead of rendering on the fly. For data sets read many times (several epochs).
 
     A malformed row raises `ValueError` naming its index; with `skip_bad_rows=True` it gets no pages here and is
     skipped (and counted) by `format_dataset`, as when rendering on the fly.
     """
-    from datasets import Array3D, Features, Value
+    from datasets import Array3D, Features, List, Value
 
     renderer = processor.renderer
     no_pages = {
         "context_pages": np.zeros((0, renderer.page_height, renderer.page_width), np.uint8),
         "context_cells": np.zeros((0, renderer.rows_per_page, renderer.columns), np.int32),
         "context_text": "",
+        "context_spans": [],
         "context_cut_characters": 0,
     }
 
@@ -544,11 +546,12 @@ def prerender(dataset, kind: str, processor, num_proc: int | None = None, skip_b
         if context is None:
             return no_pages
         result = processor.render(context)
-        text = result.kept_text
+        start = result.spans[0][0] if result.spans else 0
         return {
             "context_pages": result.pages,
             "context_cells": result.cells,
-            "context_text": text,
+            "context_text": result.kept_text,
+            "context_spans": [[a - start, b - start] for a, b in result.spans],
             "context_cut_characters": result.cut_characters,
         }
 
@@ -558,6 +561,7 @@ def prerender(dataset, kind: str, processor, num_proc: int | None = None, skip_b
             "context_pages": Array3D(shape=(None, renderer.page_height, renderer.page_width), dtype="uint8"),
             "context_cells": Array3D(shape=(None, renderer.rows_per_page, renderer.columns), dtype="int32"),
             "context_text": Value("string"),
+            "context_spans": List(List(Value("int64"), length=2)),
             "context_cut_characters": Value("int64"),
         }
     )

@@ -4,7 +4,6 @@
 import io
 import json
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,8 +17,16 @@ from transformers.image_utils import load_image
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 from transformers.utils import logging
 
+from .chat_visincontext import (  # noqa: F401  (the chat template's names, importable from here as before)
+    CHAT_PREAMBLE,
+    CONTENT_TYPES,
+    DEFAULT_CHAT_BODY,
+    chat_template_for,
+    conversation_context,
+    field,
+)
 from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
-from .rendering_visincontext import TextRenderer, check_text, reading_targets
+from .rendering_visincontext import RenderedText, TextRenderer, check_text, reading_targets
 
 logger = logging.get_logger(__name__)
 
@@ -37,82 +44,6 @@ RENDERER_SETTINGS = (
     "max_pages",
     "overflow",
 )
-
-
-# Chat templates. Content items: {"type": "image"} (with "image", "url" or "path" when tokenizing), {"type": "text",
-# "text": ...} and {"type": "context", "text": ...}. The preamble turns each message's items into one string: an image
-# is `<image>` where it stands, text is itself, context is left out of the prompt (the processor renders it into
-# pages, read by every token of the sample), and an assistant turn ends its chunk with `<|endofchunk|>`. The body
-# then lays the messages out: the wrapped LM's own template where it has one (its role markers and generation
-# prompt), else `DEFAULT_CHAT_BODY`.
-CHAT_PREAMBLE = (
-    "{%- set ns = namespace(messages=[]) -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
-    "{%- else -%}{%- set parts = namespace(text='') -%}"
-    "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{%- set parts.text = parts.text + '<image>' -%}"
-    "{%- elif item['type'] == 'text' -%}{%- set parts.text = parts.text + item['text'] -%}"
-    "{%- endif -%}{%- endfor -%}{%- set text = parts.text -%}{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}{%- set text = text + '<|endofchunk|>' -%}{%- endif -%}"
-    "{%- set ns.messages = ns.messages + [{'role': message['role'], 'content': text}] -%}"
-    "{%- endfor -%}{%- set messages = ns.messages -%}\n"
-)
-DEFAULT_CHAT_BODY = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ message['content'] }}{{ '\\n' }}"
-    "{%- else -%}{{ message['role'] | capitalize }}: {{ message['content'] }}{{ '\\n' }}{%- endif -%}"
-    "{%- endfor -%}{%- if add_generation_prompt -%}Assistant: {% endif -%}"
-)
-# A body is wrapped in a macro and laid out turn by turn, so that each assistant answer (its text and
-# `<|endofchunk|>`, what the package's collator trains on) stands inside `{% generation %}`: transformers'
-# `return_assistant_tokens_mask` and TRL's `assistant_only_loss` then train on exactly the answers, with any LM's
-# own template. An answer's place is where the body, given the turns before it and a generation prompt, stops; a
-# body that does not lay out a conversation's start the same way on its own is rendered whole, unmarked (the
-# processor's `apply_chat_template` then refuses `return_assistant_tokens_mask`, see there).
-_BODY_MACRO_START = "{%- macro language_model_body(messages, add_generation_prompt) -%}\n"
-_BODY_MACRO_END = "\n{%- endmacro -%}\n"
-MARKED_LAYOUT = (
-    "{%- set layout = namespace(pieces=[], done='', stable=true) -%}"
-    "{%- for message in messages -%}"
-    "{%- set upto = language_model_body(messages[:loop.index], false) -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- set header = language_model_body(messages[:loop.index0], true) -%}"
-    "{%- set answer = message['content'] -%}"
-    "{%- else -%}{%- set header = layout.done -%}{%- set answer = '' -%}{%- endif -%}"
-    "{%- if header.startswith(layout.done) and upto.startswith(header + answer) -%}"
-    "{%- set layout.pieces = layout.pieces + [[header[layout.done | length:], false], [answer, true],"
-    " [upto[(header + answer) | length:], false]] -%}"
-    "{%- else -%}{%- set layout.stable = false -%}{%- endif -%}"
-    "{%- set layout.done = upto -%}"
-    "{%- endfor -%}"
-    "{%- set whole = language_model_body(messages, add_generation_prompt) -%}"
-    "{%- if layout.stable and whole.startswith(layout.done) -%}"
-    "{%- for piece in layout.pieces if piece[0] -%}"
-    "{%- if piece[1] -%}{% generation %}{{ piece[0] }}{% endgeneration %}{%- else -%}{{ piece[0] }}{%- endif -%}"
-    "{%- endfor -%}{{ whole[layout.done | length:] }}"
-    "{%- else -%}{{ whole }}{%- endif -%}"
-)
-GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
-CONTENT_TYPES = ("image", "text", "context", "image_url")  # image_url: OpenAI-style, for templates that take it
-
-
-def chat_template_for(language_model_template: str | dict | None) -> str:
-    """The processor's chat template: the preamble, then the LM's own template (its "default" one when it has several),
-    or the default body (`User: ...`, `Assistant: ...`, generation prompt `Assistant: `), laid out so that each
-    assistant answer stands inside `{% generation %}` markers. A template that has its own markers is kept as it is.
-    """
-    if isinstance(language_model_template, dict):
-        language_model_template = language_model_template.get("default")
-    body = language_model_template or DEFAULT_CHAT_BODY
-    if GENERATION_MARKER.search(body):
-        return CHAT_PREAMBLE + body
-    return CHAT_PREAMBLE + _BODY_MACRO_START + body + _BODY_MACRO_END + MARKED_LAYOUT
-
-
-def _field(thing, name: str):
-    """A message's or item's field: dicts and objects with the same attributes (TRL's, pydantic's) alike."""
-    return thing.get(name) if isinstance(thing, dict) else getattr(thing, name, None)
 
 
 def to_rgb_image(image) -> Image.Image:
@@ -415,15 +346,20 @@ class VisInContextProcessor(ProcessorMixin):
             contexts = [None] * len(texts)
         elif batched:
             if not isinstance(context, (list, tuple)) or len(context) != len(texts):
-                raise ValueError(f"context: expected a list of {len(texts)} strings or None (one per text)")
+                raise ValueError(
+                    f"context: expected a list of {len(texts)} strings, RenderedText or None (one per text)"
+                )
             contexts = list(context)
         else:
             contexts = [context]
         for i, c in enumerate(contexts):
-            if c is not None and not isinstance(c, str):
-                raise TypeError(f"context: expected a string or None, got {type(c).__name__} at index {i}")
-            if c is not None:
+            if isinstance(c, str):
                 _check_characters("context", c, i, batched)
+            elif isinstance(c, RenderedText):
+                self._check_rendered(c, i)
+            elif c is not None:
+                kind = type(c).__name__
+                raise TypeError(f"context: expected a string, RenderedText or None, got {kind} at index {i}")
         for i, sample_images in enumerate(per_sample):
             for j, image in enumerate(sample_images):
                 size = image.size if isinstance(image, Image.Image) else getattr(image, "shape", None)
@@ -446,7 +382,7 @@ class VisInContextProcessor(ProcessorMixin):
             and isinstance(conversation[0], (list, tuple))
         )
         conversations = list(conversation) if batched else [conversation]
-        contexts = [self._conversation_context(c, kwargs.get("tokenize", False)) for c in conversations]
+        contexts = [conversation_context(c, kwargs.get("tokenize", False)) for c in conversations]
         if kwargs.get("tokenize", False):
             processor_kwargs = dict(kwargs.get("processor_kwargs") or {})
             processor_kwargs["context"] = contexts if batched else contexts[0]
@@ -454,7 +390,7 @@ class VisInContextProcessor(ProcessorMixin):
         result = super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
         if kwargs.get("return_assistant_tokens_mask") and isinstance(result, Mapping) and "assistant_masks" in result:
             for i, messages in enumerate(conversations):
-                answers = any(_field(m, "role") == "assistant" for m in getattr(messages, "messages", messages))
+                answers = any(field(m, "role") == "assistant" for m in getattr(messages, "messages", messages))
                 if answers and not any(result["assistant_masks"][i]):
                     raise ValueError(
                         f"return_assistant_tokens_mask: conversation {i} has assistant turns but the chat template "
@@ -463,39 +399,6 @@ class VisInContextProcessor(ProcessorMixin):
                     )
         return result
 
-    @staticmethod
-    def _conversation_context(conversation, tokenize: bool) -> str | None:
-        """Checks a conversation's messages and items (dicts or objects with the same fields), naming the message and
-        item; returns its context text."""
-
-        messages = getattr(conversation, "messages", conversation)
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise ValueError("conversation: expected a non-empty list of messages")
-        contexts = []
-        for i, message in enumerate(messages):
-            if not isinstance(_field(message, "role"), str):
-                raise ValueError(f"messages[{i}]: expected a message with a 'role' string and 'content'")
-            content = _field(message, "content")
-            if content is None or isinstance(content, str):
-                continue
-            if not isinstance(content, (list, tuple)):
-                kind = type(content).__name__
-                raise ValueError(f"messages[{i}].content: expected a string or a list of items, got {kind}")
-            for j, item in enumerate(content):
-                where = f"messages[{i}].content[{j}]"
-                kind = _field(item, "type")
-                if kind not in CONTENT_TYPES:
-                    raise ValueError(f"{where}: unknown content type {kind!r}; expected one of {CONTENT_TYPES}")
-                if kind in ("text", "context") and not isinstance(_field(item, "text"), str):
-                    got = type(_field(item, "text")).__name__
-                    raise ValueError(f"{where}: a {kind} item needs a string 'text', got {got}")
-                has_image = any(_field(item, key) is not None for key in ("image", "url", "path", "base64"))
-                if kind == "image" and tokenize and not has_image:
-                    raise ValueError(f"{where}: an image item without an image (give it 'image', 'url' or 'path')")
-                if kind == "context":
-                    contexts.append(_field(item, "text"))
-        return "\n\n".join(contexts) if contexts else None
-
     def render(self, context: str):
         """One context as this processor renders it: its renderer, with its `max_pages` and `overflow`."""
         try:
@@ -503,11 +406,27 @@ class VisInContextProcessor(ProcessorMixin):
         except ValueError as error:  # the renderer's own names (text, max_pages) -> the processor's argument
             raise ValueError(f"context: {error}") from None
 
-    def render_context(self, contexts: list[str | None]):
-        """Renders each context (at most `self.max_pages` pages, `self.overflow` beyond). Returns `(pages
-        (B, P, 3, H, W) float, mask (B, P) bool, kept texts, cells per sample, characters cut per sample (B,))`,
-        pages normalised like the image processor's images. Cut context is warned about, once per call."""
-        rendered = [None if c is None else self.render(c) for c in contexts]
+    def _check_rendered(self, rendered: RenderedText, index: int) -> None:
+        """A context rendered ahead of time (`visincontext.data.prerender`) must be pages of this renderer's size and
+        within `max_pages`, with a cell grid per page."""
+        pages, cells = np.asarray(rendered.pages), np.asarray(rendered.cells)
+        size = (self.renderer.page_height, self.renderer.page_width)
+        if pages.ndim != 3 or pages.shape[1:] != size or pages.dtype != np.uint8:
+            raise ValueError(
+                f"context: RenderedText {index} has pages of shape {pages.shape} ({pages.dtype}); this processor "
+                f"renders (pages, {size[0]}, {size[1]}) uint8"
+            )
+        if cells.shape[:1] != pages.shape[:1]:
+            raise ValueError(f"context: RenderedText {index} has {len(pages)} pages but {len(cells)} cell grids")
+        if self.max_pages is not None and len(pages) > self.max_pages:
+            raise ValueError(f"context: RenderedText {index} has {len(pages)} pages, over max_pages={self.max_pages}")
+
+    def render_context(self, contexts: list):
+        """Renders each context (at most `self.max_pages` pages, `self.overflow` beyond); a `RenderedText` is taken
+        as it is. Returns `(pages (B, P, 3, H, W) float, mask (B, P) bool, kept texts, cells per sample, characters
+        cut per sample (B,))`, pages normalised like the image processor's images. Cut context is warned about, once
+        per call."""
+        rendered = [c if c is None or isinstance(c, RenderedText) else self.render(c) for c in contexts]
         kept = ["" if r is None else r.kept_text for r in rendered]
         pixels, mask = self.pages_to_pixel_values([None if r is None else r.pages for r in rendered])
         cut = torch.tensor([0 if r is None else r.cut_characters for r in rendered], dtype=torch.long)
@@ -564,7 +483,8 @@ class VisInContextProcessor(ProcessorMixin):
         images: for one sample a list of images (PIL or arrays) in `<image>` order; for a batch a list of such
             lists (or one flat list, handed out in `<image>` order).
         text: the prompt (str) or a batch of prompts (list of str).
-        context: long in-context text to render (str or None per sample).
+        context: long in-context text to render (str or None per sample), or text rendered ahead of time
+            (`RenderedText`, as `visincontext.data.prerender` stores it).
         return_context_ids: also return the kept context as tokens (`context_input_ids`,
             `context_attention_mask`), for the text-centric contrastive loss.
         Tokenizer and image-processor options pass through (`text_kwargs=...`, `images_kwargs=...` or flat).
