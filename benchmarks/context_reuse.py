@@ -58,7 +58,6 @@ def measure(
     document = english_text(tokenizer, length, seed)
 
     def on_device(batch):
-        batch.pop("context_cut_characters", None)
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     pages = on_device(processor(text=QUESTIONS[0], context=document, return_tensors="pt"))

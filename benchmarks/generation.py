@@ -150,7 +150,6 @@ def inputs_for(processor, context: str, mode: str, device: str) -> dict:
         batch = processor(text=context + "\n" + QUESTION, return_tensors="pt")
     else:
         batch = processor(text=QUESTION, context=context, return_tensors="pt")
-    batch.pop("context_cut_characters", None)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 

@@ -239,3 +239,15 @@ def test_a_rendered_text_that_does_not_fit_the_processor_is_refused():
         processor(text="Q?", context=replace(small, cells=small.cells[:0]))
     with pytest.raises(TypeError, match="context: expected a string, RenderedText or None, got bytes at index 0"):
         processor(text="Q?", context=b"bytes")
+
+
+def test_cut_characters_are_returned_only_when_asked_and_the_rest_are_model_inputs():
+    processor = tiny_processor(max_pages=1)
+    long, short = "many words here " * 40, "few words"
+    inputs = processor(text=["Q?", "Q?"], context=[long, short])
+    assert set(inputs) == set(processor.model_input_names)
+    with_cut = processor(text=["Q?", "Q?"], context=[long, short], return_cut_characters=True)
+    rendered = processor.render(long)
+    assert with_cut["context_cut_characters"].tolist() == [rendered.cut_characters, 0] and rendered.cut_characters > 0
+    model = tiny_model()
+    assert torch.isfinite(model(**inputs).logits).all()  # processor output goes to the model as it is

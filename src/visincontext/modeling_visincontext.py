@@ -1043,7 +1043,6 @@ class VisInContextModel(VisInContextPreTrainedModel):
         media: MediaMemory | None = None,
         media_key_values: tuple | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
-        context_cut_characters: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         past_key_values: Cache | None = None,
@@ -1059,7 +1058,6 @@ class VisInContextModel(VisInContextPreTrainedModel):
         media_key_values: the memory already projected by each cross-attention block (an earlier output's, with its
             `media`); `generate` passes both at every decoding step.
         past_chunk_ids (`(B,)`): chunk of the last cached token, so that new tokens continue its chunk.
-        context_cut_characters (`(B,)`): ignored; the processor reports there how much context `max_pages` cut.
         cache: the KV cache (`past_key_values` before transformers 5.24; either name is accepted).
         """
         cache = _one_cache(cache, past_key_values)
@@ -1272,7 +1270,6 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         media: MediaMemory | None = None,
         media_key_values: tuple | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
-        context_cut_characters: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -1374,7 +1371,6 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         media_key_values: tuple | None = None,
         media: MediaMemory | None = None,
         past_chunk_ids: torch.LongTensor | None = None,
-        context_cut_characters: torch.LongTensor | None = None,
         context_pixel_values: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,

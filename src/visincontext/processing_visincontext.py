@@ -120,6 +120,7 @@ class VisInContextProcessorKwargs(ProcessingKwargs, total=False):
     """Per-call options besides the tokenizer's and image processor's own."""
 
     return_context_ids: bool
+    return_cut_characters: bool
     reading_layout: tuple[int, int] | None
 
 
@@ -148,7 +149,6 @@ class VisInContextProcessor(ProcessorMixin):
         "image_mask",
         "context_pixel_values",
         "context_mask",
-        "context_cut_characters",
     ]
     valid_processor_kwargs = VisInContextProcessorKwargs
     text_kwargs = {"padding": True, "padding_side": "left"}  # left padding: batches go straight to `generate`
@@ -433,7 +433,7 @@ class VisInContextProcessor(ProcessorMixin):
         if cut.any():
             logger.warning(
                 f"context: {int((cut > 0).sum())} of {len(cut)} samples exceed max_pages={self.max_pages}; "
-                f"overflow={self.overflow!r} cut {int(cut.sum())} characters (per sample: `context_cut_characters`)"
+                f"overflow={self.overflow!r} cut {int(cut.sum())} characters (per sample: `return_cut_characters=True`)"
             )
         return pixels, mask, kept, [None if r is None else r.cells for r in rendered], cut
 
@@ -487,12 +487,14 @@ class VisInContextProcessor(ProcessorMixin):
             (`RenderedText`, as `visincontext.data.prerender` stores it).
         return_context_ids: also return the kept context as tokens (`context_input_ids`,
             `context_attention_mask`), for the text-centric contrastive loss.
+        return_cut_characters: also return `context_cut_characters`, what `max_pages` cut of each context.
         Tokenizer and image-processor options pass through (`text_kwargs=...`, `images_kwargs=...` or flat).
 
         Returns `input_ids`, `attention_mask` (left-padded), `pixel_values` (B, N, 3, H, W) with `image_mask`
-        (B, N), `context_pixel_values` (B, P, 3, H, W) with `context_mask` (B, P) (N or P is 0 when no sample has
-        images or context), and `context_cut_characters` (B,): characters of each context that `max_pages` cut
-        (the model takes and ignores it, so the output goes to `generate` as it is).
+        (B, N) and `context_pixel_values` (B, P, 3, H, W) with `context_mask` (B, P) (N or P is 0 when no sample has
+        images or context): the model's inputs, for `model(**inputs)` and `generate(**inputs)`. With
+        `return_cut_characters=True` also `context_cut_characters` (B,): characters of each context that `max_pages`
+        cut (not a model input: pop it before passing the rest on).
         """
         texts, per_sample, contexts, _ = self._batch_inputs(images, text, context)
         # ProcessorMixin's (underscored) kwargs merger, which every transformers processor's `__call__` uses; the
@@ -500,6 +502,7 @@ class VisInContextProcessor(ProcessorMixin):
         options = self._merge_kwargs(VisInContextProcessorKwargs, **kwargs)
         return_tensors = kwargs.pop("return_tensors", None) or options["text_kwargs"].get("return_tensors") or "pt"
         kwargs.pop("return_context_ids", None)
+        kwargs.pop("return_cut_characters", None)
         kwargs.pop("reading_layout", None)
         # The padding side is passed explicitly: a tokenizer saved after right-padded training batches keeps
         # "right" in its files, and would otherwise win over this processor's left-padding default.
@@ -530,8 +533,9 @@ class VisInContextProcessor(ProcessorMixin):
             image_mask=image_mask,
             context_pixel_values=pages,
             context_mask=context_mask,
-            context_cut_characters=cut,
         )
+        if options.get("return_cut_characters"):
+            data["context_cut_characters"] = cut
         if options.get("reading_layout"):
             data["context_reading_targets"] = self.reading_targets(cells, *options["reading_layout"])
         if options.get("return_context_ids"):
