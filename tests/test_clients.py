@@ -23,6 +23,14 @@ REMOTE_CODE = {
     "rendering_visincontext.py",
     "fonts_visincontext.py",
     "chat_visincontext.py",
+    "embeddings_visincontext.py",
+    "perceiver_visincontext.py",
+    "cross_attention_visincontext.py",
+    "objectives_visincontext.py",
+    "input_checks_visincontext.py",
+    "backbones_visincontext.py",
+    "outputs_visincontext.py",
+    "pages_visincontext.py",
 }
 AUTO_MAP = {
     "AutoConfig": "configuration_visincontext.VisInContextConfig",

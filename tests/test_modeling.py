@@ -159,7 +159,7 @@ def test_changing_image_k_changes_only_chunk_k_and_later():
 
 
 def test_cross_attention_mask_reads_own_chunk_only():
-    from visincontext.modeling_visincontext import CONTEXT_CHUNK
+    from visincontext.cross_attention_visincontext import CONTEXT_CHUNK
 
     model = tiny_model(only_attend_immediate_media=True, latent_fusion="concat")
     batch = sample_batch()
@@ -479,7 +479,7 @@ def test_resize_token_embeddings_keeps_media_rows():
 def test_set_attn_implementation_reaches_every_attention_layer(monkeypatch):
     """After construction, `set_attn_implementation("eager")` switches the LM, the vision tower and this model's own
     resampler and cross-attention layers (they dispatch through transformers' attention interface); outputs agree."""
-    import visincontext.modeling_visincontext as modeling
+    import visincontext.perceiver_visincontext as modeling
 
     model = open_gates(tiny_model(), 0.5)
     batch = sample_batch()

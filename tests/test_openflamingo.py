@@ -36,7 +36,8 @@ from visincontext.convert_openflamingo_weights_to_hf import (
     openflamingo_tokenizer,
     parse_args,
 )
-from visincontext.modeling_visincontext import GatedCrossAttentionBlock, PerceiverResampler, build_media_memory
+from visincontext.cross_attention_visincontext import GatedCrossAttentionBlock, build_media_memory
+from visincontext.perceiver_visincontext import PerceiverResampler
 
 # open-flamingo's Flamingo.forward passes `past_key_values=None` to the LM, which transformers >= 5.24 calls `cache`
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")

@@ -113,3 +113,15 @@ def conversation_context(conversation, tokenize: bool = False) -> str | None:
             if kind == "context":
                 contexts.append(field(item, "text"))
     return "\n\n".join(contexts) if contexts else None
+
+
+def check_assistant_masks(conversations: list, assistant_masks) -> None:
+    """A conversation with assistant turns must have some assistant tokens marked (`return_assistant_tokens_mask`)."""
+    for i, messages in enumerate(conversations):
+        answers = any(field(m, "role") == "assistant" for m in getattr(messages, "messages", messages))
+        if answers and not any(assistant_masks[i]):
+            raise ValueError(
+                f"return_assistant_tokens_mask: conversation {i} has assistant turns but the chat template "
+                "marks none: its body does not lay out the turns before an answer the same way on their own "
+                "(see `chat_template_for`); give a template with `{% generation %}` markers"
+            )

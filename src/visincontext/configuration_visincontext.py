@@ -14,6 +14,11 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 
+# The parts of the training loss, one place: each part's output field and the config attribute that weighs it
+# (None: weight 1). The model's `loss` sums the weighted parts it computed; Trainer's evaluation gathers none of them
+# as predictions (`keys_to_ignore_at_inference`); VisInContextTrainer logs each.
+LOSS_WEIGHTS = {"lm_loss": None, "contrastive_loss": "contrastive_loss_weight", "reading_loss": "reading_loss_weight"}
+
 
 class VisInContextConfig(PreTrainedConfig):
     r"""
@@ -85,9 +90,7 @@ class VisInContextConfig(PreTrainedConfig):
         "media",
         "media_key_values",
         "chunk_ids",
-        "lm_loss",
-        "contrastive_loss",
-        "reading_loss",
+        *LOSS_WEIGHTS,
     ]
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(

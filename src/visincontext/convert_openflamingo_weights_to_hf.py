@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .backbones_visincontext import build_around_backbones, load_vision_tower
 from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, VisInContextConfig
-from .modeling_visincontext import VisInContextForConditionalGeneration, load_vision_tower
+from .modeling_visincontext import VisInContextForConditionalGeneration
 from .processing_visincontext import VisInContextProcessor
 
 OPENFLAMINGO_NUM_HEADS = 8  # helpers.py builds the resampler and the cross-attention with 8 heads (of 64)
@@ -234,7 +235,7 @@ def convert_openflamingo_checkpoint(
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         end_of_chunk_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN),
     )
-    model = VisInContextForConditionalGeneration._around_backbones(config, vision_tower, causal_lm, tokenizer)
+    model = build_around_backbones(VisInContextForConditionalGeneration, config, vision_tower, causal_lm, tokenizer)
     if model.get_input_embeddings().num_embeddings != rows:  # OpenFlamingo resized the LM to len(tokenizer)
         model.resize_token_embeddings(rows, mean_resizing=False)
 

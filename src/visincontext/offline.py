@@ -7,8 +7,9 @@ keep frozen). `examples/pretrain.py` and `finetune.py` use it when given no mode
 import torch
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 
+from .backbones_visincontext import stop_at_end_of_chunk
 from .configuration_visincontext import VisInContextConfig
-from .modeling_visincontext import VisInContextForConditionalGeneration, stop_at_end_of_chunk
+from .modeling_visincontext import VisInContextForConditionalGeneration
 from .processing_visincontext import VisInContextProcessor
 
 BYTE_VOCAB = 259  # 256 byte tokens + <s>, </s>, <pad>

@@ -22,11 +22,13 @@ from .chat_visincontext import (  # noqa: F401  (the chat template's names, impo
     CONTENT_TYPES,
     DEFAULT_CHAT_BODY,
     chat_template_for,
+    check_assistant_masks,
     conversation_context,
     field,
 )
 from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
-from .rendering_visincontext import RenderedText, TextRenderer, check_text, reading_targets
+from .pages_visincontext import batch_reading_targets, pages_to_pixel_values, stack_images
+from .rendering_visincontext import RenderedText, TextRenderer, check_text
 
 logger = logging.get_logger(__name__)
 
@@ -114,6 +116,117 @@ def _output_size(image_processor) -> tuple[int, int] | None:
         if hasattr(size, "height") and getattr(size, "height", None):
             return int(size.height), int(size.width)
     return None
+
+
+def batch_inputs(images, text, context, image_token: str, page_size: tuple, max_pages: int | None):
+    """`__call__`'s inputs as lists per sample, checked (`page_size`, `max_pages`: what a `RenderedText` context must
+    fit). Returns (texts, images per sample, contexts)."""
+    if text is None:
+        raise ValueError("text: expected a string or a list of strings (the prompt), got None")
+    batched = isinstance(text, (list, tuple))
+    texts = list(text) if batched else [text]
+    if not texts:
+        raise ValueError("text: expected at least one prompt, got an empty list")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"text: expected strings, got {type(t).__name__} at index {i}")
+        _check_characters("text", t, i, batched)
+    counts = [t.count(image_token) for t in texts]
+
+    if images is not None and not isinstance(images, (list, tuple)):
+        images = [images]
+    if images is None:
+        per_sample = [[] for _ in texts]
+    elif not batched:
+        # one sample: its images, possibly nested once ([[image, ...]], as apply_chat_template passes them)
+        nested = len(images) == 1 and isinstance(images[0], (list, tuple))
+        per_sample = [list(images[0]) if nested else list(images)]
+    elif images and all(isinstance(x, (list, tuple)) for x in images):
+        per_sample = [list(x) for x in images]
+    else:  # a flat list for a batch: handed out in <image> order
+        flat = list(images) if isinstance(images, (list, tuple)) else [images]
+        if len(flat) != sum(counts):
+            raise ValueError(f"images: {len(flat)} images for {sum(counts)} {image_token} tokens in text")
+        per_sample, start = [], 0
+        for count in counts:
+            per_sample.append(flat[start : start + count])
+            start += count
+    if len(per_sample) != len(texts):
+        raise ValueError(f"images: expected one list of images per text ({len(texts)}), got {len(per_sample)}")
+    for i, (count, sample_images) in enumerate(zip(counts, per_sample)):
+        if count != len(sample_images):
+            raise ValueError(
+                f"text: sample {i} has {count} {image_token} tokens but {len(sample_images)} images were given"
+            )
+
+    if context is None:
+        contexts = [None] * len(texts)
+    elif batched:
+        if not isinstance(context, (list, tuple)) or len(context) != len(texts):
+            raise ValueError(f"context: expected a list of {len(texts)} strings, RenderedText or None (one per text)")
+        contexts = list(context)
+    else:
+        contexts = [context]
+    for i, c in enumerate(contexts):
+        if isinstance(c, str):
+            _check_characters("context", c, i, batched)
+        elif isinstance(c, RenderedText):
+            c.check_fits(page_size, max_pages, f"context: RenderedText {i}")
+        elif c is not None:
+            kind = type(c).__name__
+            raise TypeError(f"context: expected a string, RenderedText or None, got {kind} at index {i}")
+    for i, sample_images in enumerate(per_sample):
+        for j, image in enumerate(sample_images):
+            size = image.size if isinstance(image, Image.Image) else getattr(image, "shape", None)
+            if size is not None and 0 in tuple(size)[:2]:
+                raise ValueError(f"images: image {j} of sample {i} is empty ({'x'.join(map(str, size))})")
+            try:  # paths, bytes, lazily opened files, 16-bit and float images: one conversion for all
+                sample_images[j] = to_rgb_image(image)
+            except ValueError as error:
+                raise ValueError(f"images: image {j} of sample {i} cannot be loaded ({error})") from None
+    return texts, per_sample, contexts
+
+
+def copy_fonts(paths: list[str], save_directory) -> None:
+    """Copies the font files (and the shipped fonts' licence) into `save_directory`, beside processor_config.json."""
+    os.makedirs(save_directory, exist_ok=True)
+    for path in paths:
+        target = Path(save_directory) / Path(path).name
+        if Path(path).resolve() != target.resolve():
+            shutil.copyfile(path, target)
+        licence = Path(path).parent / FONT_LICENCE
+        if licence.is_file():
+            shutil.copyfile(licence, Path(save_directory) / FONT_LICENCE)
+
+
+def saved_font_paths(pretrained_model_name_or_path, kwargs: dict) -> dict:
+    """`kwargs` with the font files named in processor_config.json, fetched from the same folder or Hub repository
+    (the real `cached_file` path), unless the caller gave them."""
+    from transformers.utils import cached_file
+
+    hub_kwargs = {
+        k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder") if k in kwargs
+    }
+    config_file = cached_file(
+        pretrained_model_name_or_path,
+        "processor_config.json",
+        _raise_exceptions_for_missing_entries=False,
+        **hub_kwargs,
+    )
+    if config_file is not None and not all(name in kwargs for name in FONT_SETTINGS):
+        try:
+            saved = json.loads(Path(config_file).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"pretrained_model_name_or_path: {config_file} is not valid JSON ({error})") from None
+
+        def locate(name):
+            if name is None or os.path.isabs(name):
+                return name
+            return cached_file(pretrained_model_name_or_path, name, **hub_kwargs)
+
+        kwargs.setdefault("font_path", locate(saved.get("font_path")))
+        kwargs.setdefault("fallback_font_paths", [locate(n) for n in saved.get("fallback_font_paths") or []])
+    return kwargs
 
 
 class VisInContextProcessorKwargs(ProcessingKwargs, total=False):
@@ -215,8 +328,6 @@ class VisInContextProcessor(ProcessorMixin):
             return
         super().__setattr__(name, value)
 
-    # ---- construction ------------------------------------------------------------------------------
-
     @classmethod
     def from_backbones(
         cls, vision_model: str, language_model: str, tokenizer_kwargs: dict | None = None, tokenizer=None, **kwargs
@@ -232,12 +343,8 @@ class VisInContextProcessor(ProcessorMixin):
             tokenizer = AutoTokenizer.from_pretrained(language_model, **(tokenizer_kwargs or {}))
         vision_config = AutoConfig.from_pretrained(vision_model)
         vision_config = getattr(vision_config, "vision_config", vision_config)
-        settings = dict(
-            page_height=vision_config.image_size,
-            page_width=vision_config.image_size,
-            line_height=vision_config.patch_size,
-        )
-        settings.update(kwargs)
+        size, patch = vision_config.image_size, vision_config.patch_size
+        settings = {"page_height": size, "page_width": size, "line_height": patch, **kwargs}
         settings.setdefault("chat_template", chat_template_for(tokenizer.chat_template))
         return cls(image_processor=image_processor, tokenizer=tokenizer, **settings)
 
@@ -254,14 +361,7 @@ class VisInContextProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves like any processor, and copies the font files (and the shipped fonts' licence) next to
         `processor_config.json`, so the processor renders identically wherever it is loaded."""
-        os.makedirs(save_directory, exist_ok=True)
-        for path in [self.font_path, *self.fallback_font_paths]:
-            target = Path(save_directory) / Path(path).name
-            if Path(path).resolve() != target.resolve():
-                shutil.copyfile(path, target)
-            licence = Path(path).parent / FONT_LICENCE
-            if licence.is_file():
-                shutil.copyfile(licence, Path(save_directory) / FONT_LICENCE)
+        copy_fonts([self.font_path, *self.fallback_font_paths], save_directory)
         result = super().save_pretrained(save_directory, *args, **kwargs)
         # remote code needs the auto_map in processor_config.json; keep it out of the in-memory settings
         config_file = Path(save_directory) / "processor_config.json"
@@ -274,102 +374,8 @@ class VisInContextProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Loads like any processor; font files named in `processor_config.json` are fetched from the same
         folder or Hub repository (the real `cached_file` path)."""
-        from transformers.utils import cached_file
-
-        hub_kwargs = {
-            k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder") if k in kwargs
-        }
-        config_file = cached_file(
-            pretrained_model_name_or_path,
-            "processor_config.json",
-            _raise_exceptions_for_missing_entries=False,
-            **hub_kwargs,
-        )
-        if config_file is not None and not all(name in kwargs for name in FONT_SETTINGS):
-            try:
-                saved = json.loads(Path(config_file).read_text())
-            except json.JSONDecodeError as error:
-                raise ValueError(f"pretrained_model_name_or_path: {config_file} is not valid JSON ({error})") from None
-
-            def locate(name):
-                if name is None or os.path.isabs(name):
-                    return name
-                return cached_file(pretrained_model_name_or_path, name, **hub_kwargs)
-
-            kwargs.setdefault("font_path", locate(saved.get("font_path")))
-            kwargs.setdefault("fallback_font_paths", [locate(n) for n in saved.get("fallback_font_paths") or []])
+        kwargs = saved_font_paths(pretrained_model_name_or_path, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    # ---- inputs ------------------------------------------------------------------------------------
-
-    def _batch_inputs(self, images, text, context):
-        """Normalises to lists per sample and checks them. Returns (texts, images per sample, contexts, batched)."""
-        if text is None:
-            raise ValueError("text: expected a string or a list of strings (the prompt), got None")
-        batched = isinstance(text, (list, tuple))
-        texts = list(text) if batched else [text]
-        if not texts:
-            raise ValueError("text: expected at least one prompt, got an empty list")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"text: expected strings, got {type(t).__name__} at index {i}")
-            _check_characters("text", t, i, batched)
-        counts = [t.count(self.image_token) for t in texts]
-
-        if images is not None and not isinstance(images, (list, tuple)):
-            images = [images]
-        if images is None:
-            per_sample = [[] for _ in texts]
-        elif not batched:
-            # one sample: its images, possibly nested once ([[image, ...]], as apply_chat_template passes them)
-            nested = len(images) == 1 and isinstance(images[0], (list, tuple))
-            per_sample = [list(images[0]) if nested else list(images)]
-        elif images and all(isinstance(x, (list, tuple)) for x in images):
-            per_sample = [list(x) for x in images]
-        else:  # a flat list for a batch: handed out in <image> order
-            flat = list(images) if isinstance(images, (list, tuple)) else [images]
-            if len(flat) != sum(counts):
-                raise ValueError(f"images: {len(flat)} images for {sum(counts)} {self.image_token} tokens in text")
-            per_sample, start = [], 0
-            for count in counts:
-                per_sample.append(flat[start : start + count])
-                start += count
-        if len(per_sample) != len(texts):
-            raise ValueError(f"images: expected one list of images per text ({len(texts)}), got {len(per_sample)}")
-        for i, (count, sample_images) in enumerate(zip(counts, per_sample)):
-            if count != len(sample_images):
-                raise ValueError(
-                    f"text: sample {i} has {count} {self.image_token} tokens but {len(sample_images)} images were given"
-                )
-
-        if context is None:
-            contexts = [None] * len(texts)
-        elif batched:
-            if not isinstance(context, (list, tuple)) or len(context) != len(texts):
-                raise ValueError(
-                    f"context: expected a list of {len(texts)} strings, RenderedText or None (one per text)"
-                )
-            contexts = list(context)
-        else:
-            contexts = [context]
-        for i, c in enumerate(contexts):
-            if isinstance(c, str):
-                _check_characters("context", c, i, batched)
-            elif isinstance(c, RenderedText):
-                self._check_rendered(c, i)
-            elif c is not None:
-                kind = type(c).__name__
-                raise TypeError(f"context: expected a string, RenderedText or None, got {kind} at index {i}")
-        for i, sample_images in enumerate(per_sample):
-            for j, image in enumerate(sample_images):
-                size = image.size if isinstance(image, Image.Image) else getattr(image, "shape", None)
-                if size is not None and 0 in tuple(size)[:2]:
-                    raise ValueError(f"images: image {j} of sample {i} is empty ({'x'.join(map(str, size))})")
-                try:  # paths, bytes, lazily opened files, 16-bit and float images: one conversion for all
-                    sample_images[j] = to_rgb_image(image)
-                except ValueError as error:
-                    raise ValueError(f"images: image {j} of sample {i} cannot be loaded ({error})") from None
-        return texts, per_sample, contexts, batched
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         """`ProcessorMixin.apply_chat_template`, plus the context items: checked, removed from the prompt (by the
@@ -389,14 +395,7 @@ class VisInContextProcessor(ProcessorMixin):
             kwargs["processor_kwargs"] = processor_kwargs
         result = super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
         if kwargs.get("return_assistant_tokens_mask") and isinstance(result, Mapping) and "assistant_masks" in result:
-            for i, messages in enumerate(conversations):
-                answers = any(field(m, "role") == "assistant" for m in getattr(messages, "messages", messages))
-                if answers and not any(result["assistant_masks"][i]):
-                    raise ValueError(
-                        f"return_assistant_tokens_mask: conversation {i} has assistant turns but the chat template "
-                        "marks none: its body does not lay out the turns before an answer the same way on their own "
-                        "(see `chat_template_for`); give a template with `{% generation %}` markers"
-                    )
+            check_assistant_masks(conversations, result["assistant_masks"])
         return result
 
     def render(self, context: str):
@@ -405,21 +404,6 @@ class VisInContextProcessor(ProcessorMixin):
             return self.renderer.render(context, max_pages=self.max_pages, overflow=self.overflow)
         except ValueError as error:  # the renderer's own names (text, max_pages) -> the processor's argument
             raise ValueError(f"context: {error}") from None
-
-    def _check_rendered(self, rendered: RenderedText, index: int) -> None:
-        """A context rendered ahead of time (`visincontext.data.prerender`) must be pages of this renderer's size and
-        within `max_pages`, with a cell grid per page."""
-        pages, cells = np.asarray(rendered.pages), np.asarray(rendered.cells)
-        size = (self.renderer.page_height, self.renderer.page_width)
-        if pages.ndim != 3 or pages.shape[1:] != size or pages.dtype != np.uint8:
-            raise ValueError(
-                f"context: RenderedText {index} has pages of shape {pages.shape} ({pages.dtype}); this processor "
-                f"renders (pages, {size[0]}, {size[1]}) uint8"
-            )
-        if cells.shape[:1] != pages.shape[:1]:
-            raise ValueError(f"context: RenderedText {index} has {len(pages)} pages but {len(cells)} cell grids")
-        if self.max_pages is not None and len(pages) > self.max_pages:
-            raise ValueError(f"context: RenderedText {index} has {len(pages)} pages, over max_pages={self.max_pages}")
 
     def render_context(self, contexts: list):
         """Renders each context (at most `self.max_pages` pages, `self.overflow` beyond); a `RenderedText` is taken
@@ -437,43 +421,13 @@ class VisInContextProcessor(ProcessorMixin):
             )
         return pixels, mask, kept, [None if r is None else r.cells for r in rendered], cut
 
-    @staticmethod
-    def reading_targets(cells: list, num_latents: int, cells_per_latent: int) -> torch.Tensor:
-        """Cells per sample (`(P, rows, columns)` codepoints from `RenderedText.cells`, or None) -> `(B, P,
-        num_latents, cells_per_latent)` reading targets (`rendering_visincontext.reading_targets`), -100 on padded
-        pages: the targets of the model's reading objective (`config.reading_loss_weight`)."""
-        counts = [0 if c is None else len(c) for c in cells]
-        targets = torch.full((len(cells), max(counts + [0]), num_latents, cells_per_latent), -100, dtype=torch.long)
-        for i, sample in enumerate(cells):
-            if counts[i]:
-                targets[i, : counts[i]] = torch.from_numpy(reading_targets(sample, num_latents, cells_per_latent))
-        return targets
+    # the reading objective's targets from cells per sample (`pages_visincontext.batch_reading_targets`)
+    reading_targets = staticmethod(batch_reading_targets)
 
     def pages_to_pixel_values(self, pages: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rendered pages per sample (`(P, H, W)` uint8 arrays, or None) -> padded `(B, P, 3, H, W)` pixel values
-        and a `(B, P)` mask: for pages rendered ahead of time (`visincontext.data.prerender`)."""
-        counts = [0 if p is None else len(p) for p in pages]
-        batch = np.full(
-            (len(pages), max(counts + [0]), self.renderer.page_height, self.renderer.page_width), 255, np.uint8
-        )
-        mask = np.zeros(batch.shape[:2], dtype=bool)
-        for i, (sample_pages, count) in enumerate(zip(pages, counts)):
-            if count:
-                batch[i, :count] = np.asarray(sample_pages, dtype=np.uint8)
-                mask[i, :count] = True
-        return self._normalize_pages(batch), torch.from_numpy(mask)
-
-    def _normalize_pages(self, pages: np.ndarray) -> torch.Tensor:
-        """uint8 (B, P, H, W) -> float (B, P, 3, H, W), rescaled and normalised as the image processor does."""
-        processor = self.image_processor
-        scale = float(getattr(processor, "rescale_factor", 1 / 255)) if getattr(processor, "do_rescale", True) else 1.0
-        values = torch.from_numpy(pages).float().mul_(scale)
-        values = values.unsqueeze(2).expand(-1, -1, 3, -1, -1)
-        if getattr(processor, "do_normalize", False):
-            mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 1, 3, 1, 1)
-            std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 1, 3, 1, 1)
-            values = (values - mean) / std
-        return values.contiguous()
+        """Rendered pages per sample (`(P, H, W)` uint8 arrays, or None) -> padded `(B, P, 3, H, W)` pixel values,
+        normalised as this processor's images, and a `(B, P)` mask."""
+        return pages_to_pixel_values(pages, (self.renderer.page_height, self.renderer.page_width), self.image_processor)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token  # one token per image: the cross-attention, not the sequence, carries it
@@ -496,18 +450,17 @@ class VisInContextProcessor(ProcessorMixin):
         `return_cut_characters=True` also `context_cut_characters` (B,): characters of each context that `max_pages`
         cut (not a model input: pop it before passing the rest on).
         """
-        texts, per_sample, contexts, _ = self._batch_inputs(images, text, context)
+        page_size = (self.renderer.page_height, self.renderer.page_width)
+        texts, per_sample, contexts = batch_inputs(images, text, context, self.image_token, page_size, self.max_pages)
         # ProcessorMixin's (underscored) kwargs merger, which every transformers processor's `__call__` uses; the
         # ProcessorTesterMixin suite in tests/test_processing_common.py fails if it changes
         options = self._merge_kwargs(VisInContextProcessorKwargs, **kwargs)
         return_tensors = kwargs.pop("return_tensors", None) or options["text_kwargs"].get("return_tensors") or "pt"
-        kwargs.pop("return_context_ids", None)
-        kwargs.pop("return_cut_characters", None)
-        kwargs.pop("reading_layout", None)
         # The padding side is passed explicitly: a tokenizer saved after right-padded training batches keeps
         # "right" in its files, and would otherwise win over this processor's left-padding default.
         padding_side = options["text_kwargs"].get("padding_side") or "left"
-        kwargs.pop("padding_side", None)
+        for name in ("return_context_ids", "return_cut_characters", "reading_layout", "padding_side"):
+            kwargs.pop(name, None)
         if isinstance(kwargs.get("text_kwargs"), dict):
             kwargs["text_kwargs"] = {k: v for k, v in kwargs["text_kwargs"].items() if k != "padding_side"}
         flat_images = [image for sample in per_sample for image in sample]
@@ -517,22 +470,11 @@ class VisInContextProcessor(ProcessorMixin):
             )
         )
 
-        height, width = self.renderer.page_height, self.renderer.page_width
-        flat_pixels = data.pop("pixel_values", torch.zeros(0, 3, height, width))
-        most = max(len(sample) for sample in per_sample)
-        pixel_values = flat_pixels.new_zeros(len(texts), most, *flat_pixels.shape[1:])
-        image_mask = torch.zeros(len(texts), most, dtype=torch.bool)
-        start = 0
-        for i, sample in enumerate(per_sample):
-            pixel_values[i, : len(sample)] = flat_pixels[start : start + len(sample)]
-            image_mask[i, : len(sample)] = True
-            start += len(sample)
+        flat_pixels = data.pop("pixel_values", torch.zeros(0, 3, *page_size))
+        pixel_values, image_mask = stack_images(flat_pixels, [len(sample) for sample in per_sample])
         pages, context_mask, kept, cells, cut = self.render_context(contexts)
         data.update(
-            pixel_values=pixel_values,
-            image_mask=image_mask,
-            context_pixel_values=pages,
-            context_mask=context_mask,
+            pixel_values=pixel_values, image_mask=image_mask, context_pixel_values=pages, context_mask=context_mask
         )
         if options.get("return_cut_characters"):
             data["context_cut_characters"] = cut

@@ -11,6 +11,7 @@ page with `ImageDraw.text`.
 """
 
 import functools
+import inspect
 import re
 import threading
 import unicodedata
@@ -144,6 +145,153 @@ class RenderedText:
         """The pages as PIL grayscale images."""
         return [Image.fromarray(page, mode="L") for page in self.pages]
 
+    def check_fits(self, page_size: tuple[int, int], max_pages: int | None, name: str) -> None:
+        """Text rendered ahead of time (`visincontext.data.prerender`) must be uint8 pages of `page_size`, at most
+        `max_pages`, with a cell grid per page; `name` says which argument it came as."""
+        pages, cells = np.asarray(self.pages), np.asarray(self.cells)
+        if pages.ndim != 3 or pages.shape[1:] != tuple(page_size) or pages.dtype != np.uint8:
+            raise ValueError(
+                f"{name} has pages of shape {pages.shape} ({pages.dtype}); this processor renders "
+                f"(pages, {page_size[0]}, {page_size[1]}) uint8"
+            )
+        if cells.shape[:1] != pages.shape[:1]:
+            raise ValueError(f"{name} has {len(pages)} pages but {len(cells)} cell grids")
+        if max_pages is not None and len(pages) > max_pages:
+            raise ValueError(f"{name} has {len(pages)} pages, over max_pages={max_pages}")
+
+
+def _check_geometry(page_height, page_width, line_height, cell_width, margin, font_size, tab_size) -> None:
+    """The renderer's page geometry and font settings, each named when it is wrong."""
+    for name, value in (
+        ("page_height", page_height),
+        ("page_width", page_width),
+        ("line_height", line_height),
+        ("cell_width", cell_width),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if line_height > page_height:
+        raise ValueError(f"line_height: {line_height} does not fit a page of height {page_height}")
+    if not isinstance(margin, int) or margin < 0 or page_width - 2 * margin < cell_width:
+        raise ValueError(f"margin: expected an integer in [0, {(page_width - cell_width) // 2}], got {margin!r}")
+    if font_size is not None and (not isinstance(font_size, int) or isinstance(font_size, bool) or font_size <= 0):
+        raise ValueError(f"font_size: expected a positive integer or None, got {font_size!r}")
+    if not isinstance(tab_size, int) or isinstance(tab_size, bool) or tab_size < 0:
+        raise ValueError(f"tab_size: expected a non-negative integer, got {tab_size!r}")
+
+
+def keep_end_window_start(text: str, size: int) -> int:
+    """Where to lay out from to keep the end of `text`: the last paragraph start at or before `len(text) -
+    size` (a row starts there in any layout), else the first word start after it; 0 for a short text."""
+    edge = len(text) - size
+    if edge <= 0:
+        return 0
+    newline = text.rfind("\n", 0, edge)
+    if newline >= 0 and edge - newline <= size:
+        return newline + 1
+    match = re.compile(r"\s\S").search(text, edge)
+    return match.start() + 1 if match else edge
+
+
+class GlyphAtlas:
+    """The glyphs a renderer draws, each once: id 0 is the blank cell, id 1 the replacement box, and every other
+    character (or base character with its combining marks) gets the next id when first met. `_codepoint_glyph` maps
+    a codepoint to its id (-1: not drawn yet), so that whole texts map to ids with one numpy lookup. Thread-safe:
+    glyphs are added under a lock, and `glyph_ids` returns a snapshot of the atlas holding every id it returns."""
+
+    def __init__(self, fonts: list, line_height: int, cell_width: int):
+        self.fonts, self.line_height, self.cell_width = fonts, line_height, cell_width
+        self._lock = threading.Lock()
+        self._cells = [np.full((line_height, cell_width), 255, np.uint8), self._box_glyph()]
+        self._array = np.stack(self._cells)
+        self._codepoint_glyph = np.full(0x110000, -1, np.int32)
+        self._cluster_glyph: dict[str, int] = {}
+        self._codepoint_glyph[ord(" ")] = BLANK_GLYPH
+
+    def __getstate__(self) -> dict:  # DataLoader workers get a copy: a lock cannot be pickled
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _box_glyph(self) -> np.ndarray:
+        cell = np.full((self.line_height, self.cell_width), 255, np.uint8)
+        top, bottom = max(1, self.line_height // 8), self.line_height - max(2, self.line_height // 8)
+        left, right = min(1, self.cell_width - 1), self.cell_width - 1 - min(1, self.cell_width - 1)
+        cell[top:bottom, left] = cell[top:bottom, right] = 0
+        cell[top, left : right + 1] = cell[bottom - 1, left : right + 1] = 0
+        return cell
+
+    def _draw_glyph(self, cluster: str) -> tuple[np.ndarray, bool]:
+        """Draws one base character (with its combining marks) centred in a cell. Returns (cell, replaced)."""
+        base = ord(cluster[0])
+        for font, codepoints in self.fonts:
+            if base in codepoints:
+                image = Image.new("L", (self.cell_width, self.line_height), 255)
+                ascent, descent = font.getmetrics()
+                x = (self.cell_width - font.getlength(cluster)) / 2
+                y = (self.line_height - ascent - descent) // 2
+                try:
+                    ImageDraw.Draw(image).text((round(x), y), cluster, font=font, fill=0)
+                except (OSError, RuntimeError, ValueError):  # a glyph FreeType cannot draw
+                    return self._cells[REPLACEMENT_GLYPH], True
+                return np.asarray(image), False
+        return self._cells[REPLACEMENT_GLYPH], True
+
+    def _glyph_id(self, cluster: str) -> int:
+        """The atlas id of a cluster (a character, or a base with its marks), drawn on first use. Under the lock."""
+        glyph = self._cluster_glyph.get(cluster)
+        if glyph is None:
+            cell, replaced = self._draw_glyph(cluster)
+            glyph = REPLACEMENT_GLYPH if replaced else len(self._cells)
+            if not replaced:
+                self._cells.append(cell)
+            self._cluster_glyph[cluster] = glyph
+            if len(cluster) == 1 and not unicodedata.combining(cluster):
+                self._codepoint_glyph[ord(cluster)] = glyph
+        return glyph
+
+    def glyph_ids(self, text: str, codepoints: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per character of `text`: its glyph id, whether it opens a cell (False for newlines and for combining
+        marks that have a base), and the atlas to draw them from (a snapshot holding every id returned).
+        `codepoints`: those of `text` (`codepoints_of`)."""
+        atlas = self._array  # read before the ids: another thread may be adding glyphs
+        ids = self._codepoint_glyph[codepoints]
+        opens_cell = codepoints != 10
+        if not ((ids < 0) & opens_cell).any() and (len(ids) == 0 or ids.max() < len(atlas)):
+            return ids, opens_cell, atlas
+        with self._lock:
+            ids = self._codepoint_glyph[codepoints]  # another thread may have drawn some meanwhile
+            missing = np.flatnonzero((ids < 0) & opens_cell)
+            clusters = {}  # index of a cell's first character -> the cluster it draws, for cells with marks
+            for index in missing.tolist():
+                char = text[index]
+                if unicodedata.combining(char):
+                    if index > 0 and text[index - 1] != "\n":
+                        opens_cell[index] = False  # a mark with a base: drawn in the base's cell
+                    else:
+                        clusters[index] = char  # no base: a cell of its own
+                else:
+                    self._glyph_id(char)
+            ids = self._codepoint_glyph[codepoints]
+            for mark in missing[~opens_cell[missing]].tolist():
+                base = mark - 1
+                while not opens_cell[base]:
+                    base -= 1
+                if base not in clusters:
+                    end = base + 1
+                    while end < len(text) and not opens_cell[end] and text[end] != "\n":
+                        end += 1
+                    clusters[base] = text[base:end]
+            for index, cluster in clusters.items():
+                ids[index] = self._glyph_id(cluster)
+            if len(self._cells) != len(self._array):
+                self._array = np.stack(self._cells)
+            return ids, opens_cell, self._array
+
 
 class TextRenderer:
     r"""Renders text into pages for a vision encoder.
@@ -192,21 +340,9 @@ class TextRenderer:
         overflow: str = "keep_end",
         tab_size: int = 4,
     ):
-        for name, value in (("page_height", page_height), ("page_width", page_width), ("line_height", line_height)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         cell_width = line_height // 2 if cell_width is None else cell_width
-        if not isinstance(cell_width, int) or isinstance(cell_width, bool) or cell_width <= 0:
-            raise ValueError(f"cell_width: expected a positive integer, got {cell_width!r}")
-        if line_height > page_height:
-            raise ValueError(f"line_height: {line_height} does not fit a page of height {page_height}")
-        if not isinstance(margin, int) or margin < 0 or page_width - 2 * margin < cell_width:
-            raise ValueError(f"margin: expected an integer in [0, {(page_width - cell_width) // 2}], got {margin!r}")
+        _check_geometry(page_height, page_width, line_height, cell_width, margin, font_size, tab_size)
         self._check_overflow(max_pages, overflow)
-        if font_size is not None and (not isinstance(font_size, int) or isinstance(font_size, bool) or font_size <= 0):
-            raise ValueError(f"font_size: expected a positive integer or None, got {font_size!r}")
-        if not isinstance(tab_size, int) or isinstance(tab_size, bool) or tab_size < 0:
-            raise ValueError(f"tab_size: expected a non-negative integer, got {tab_size!r}")
 
         self.font_path = resolve_font(font_path if font_path is not None else DEFAULT_FONT)
         fallback_font_paths = DEFAULT_FALLBACK_FONTS if fallback_font_paths is None else fallback_font_paths
@@ -224,25 +360,8 @@ class TextRenderer:
         self.font_size = (
             font_size if font_size is not None else fitting_font_size(self.font_path, line_height, cell_width)
         )
-        self._fonts = load_fonts(paths, self.font_size)
 
-        # Glyph atlas: id 0 is the blank cell, id 1 the replacement box. `_codepoint_glyph` maps a codepoint
-        # to its id (-1: not drawn yet) so that whole lines map to ids with one numpy lookup.
-        self._lock = threading.Lock()
-        self._atlas = [np.full((line_height, cell_width), 255, np.uint8), self._box_glyph()]
-        self._atlas_array = np.stack(self._atlas)
-        self._codepoint_glyph = np.full(0x110000, -1, np.int32)
-        self._cluster_glyph: dict[str, int] = {}
-        self._codepoint_glyph[ord(" ")] = BLANK_GLYPH
-
-    def __getstate__(self) -> dict:  # DataLoader workers get a copy: a lock cannot be pickled
-        state = dict(self.__dict__)
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._atlas = GlyphAtlas(load_fonts(paths, self.font_size), line_height, cell_width)
 
     @staticmethod
     def _check_overflow(max_pages, overflow) -> None:
@@ -253,100 +372,12 @@ class TextRenderer:
 
     def settings(self) -> dict:
         """The constructor arguments that reproduce this renderer."""
-        return dict(
-            font_path=self.font_path,
-            fallback_font_paths=list(self.fallback_font_paths),
-            font_size=self.font_size,
-            page_height=self.page_height,
-            page_width=self.page_width,
-            line_height=self.line_height,
-            cell_width=self.cell_width,
-            margin=self.margin,
-            max_pages=self.max_pages,
-            overflow=self.overflow,
-            tab_size=self.tab_size,
-        )
+        settings = {name: getattr(self, name) for name in inspect.signature(TextRenderer).parameters}
+        return settings | {"fallback_font_paths": list(self.fallback_font_paths)}
 
-    # ---- glyphs ----------------------------------------------------------------------------------
-
-    def _box_glyph(self) -> np.ndarray:
-        cell = np.full((self.line_height, self.cell_width), 255, np.uint8)
-        top, bottom = max(1, self.line_height // 8), self.line_height - max(2, self.line_height // 8)
-        left, right = min(1, self.cell_width - 1), self.cell_width - 1 - min(1, self.cell_width - 1)
-        cell[top:bottom, left] = cell[top:bottom, right] = 0
-        cell[top, left : right + 1] = cell[bottom - 1, left : right + 1] = 0
-        return cell
-
-    def _draw_glyph(self, cluster: str) -> tuple[np.ndarray, bool]:
-        """Draws one base character (with its combining marks) centred in a cell. Returns (cell, replaced)."""
-        base = ord(cluster[0])
-        for font, codepoints in self._fonts:
-            if base in codepoints:
-                image = Image.new("L", (self.cell_width, self.line_height), 255)
-                ascent, descent = font.getmetrics()
-                x = (self.cell_width - font.getlength(cluster)) / 2
-                y = (self.line_height - ascent - descent) // 2
-                try:
-                    ImageDraw.Draw(image).text((round(x), y), cluster, font=font, fill=0)
-                except (OSError, RuntimeError, ValueError):  # a glyph FreeType cannot draw
-                    return self._atlas[REPLACEMENT_GLYPH], True
-                return np.asarray(image), False
-        return self._atlas[REPLACEMENT_GLYPH], True
-
-    def _glyph_id(self, cluster: str) -> int:
-        """The atlas id of a cluster (a character, or a base with its marks), drawn on first use. Under the lock."""
-        glyph = self._cluster_glyph.get(cluster)
-        if glyph is None:
-            cell, replaced = self._draw_glyph(cluster)
-            glyph = REPLACEMENT_GLYPH if replaced else len(self._atlas)
-            if not replaced:
-                self._atlas.append(cell)
-            self._cluster_glyph[cluster] = glyph
-            if len(cluster) == 1 and not unicodedata.combining(cluster):
-                self._codepoint_glyph[ord(cluster)] = glyph
-        return glyph
-
-    def _glyph_ids(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per character of `text`: its glyph id, whether it opens a cell (False for newlines and for combining
-        marks that have a base), and the atlas to draw them from (a snapshot holding every id returned)."""
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        atlas = self._atlas_array  # read before the ids: another thread may be adding glyphs
-        ids = self._codepoint_glyph[codepoints]
-        opens_cell = codepoints != 10
-        if not ((ids < 0) & opens_cell).any() and (len(ids) == 0 or ids.max() < len(atlas)):
-            return ids, opens_cell, atlas
-        with self._lock:
-            ids = self._codepoint_glyph[codepoints]  # another thread may have drawn some meanwhile
-            missing = np.flatnonzero((ids < 0) & opens_cell)
-            clusters = {}  # index of a cell's first character -> the cluster it draws, for cells with marks
-            for index in missing.tolist():
-                char = text[index]
-                if unicodedata.combining(char):
-                    if index > 0 and text[index - 1] != "\n":
-                        opens_cell[index] = False  # a mark with a base: drawn in the base's cell
-                    else:
-                        clusters[index] = char  # no base: a cell of its own
-                else:
-                    self._glyph_id(char)
-            ids = self._codepoint_glyph[codepoints]
-            for mark in missing[~opens_cell[missing]].tolist():
-                base = mark - 1
-                while not opens_cell[base]:
-                    base -= 1
-                if base not in clusters:
-                    end = base + 1
-                    while end < len(text) and not opens_cell[end] and text[end] != "\n":
-                        end += 1
-                    clusters[base] = text[base:end]
-            for index, cluster in clusters.items():
-                ids[index] = self._glyph_id(cluster)
-            if len(self._atlas) != len(self._atlas_array):
-                self._atlas_array = np.stack(self._atlas)
-            return ids, opens_cell, self._atlas_array
-
-    # ---- layout ----------------------------------------------------------------------------------
-
-    def _layout(self, text: str, opens_cell: np.ndarray, max_rows: int | None = None) -> list[tuple[int, int, int]]:
+    def _layout(
+        self, text: str, codepoints: np.ndarray, opens_cell: np.ndarray, max_rows: int | None = None
+    ) -> list[tuple[int, int, int]]:
         """Greedy line breaking on the cell grid, from the start of `text`, stopping after `max_rows` rows. Returns
         rows as (start, end, visible_end): the row owns `text[start:end]` (with the spaces and newline after its
         last word) and draws `text[start:visible_end]`.
@@ -354,7 +385,6 @@ class TextRenderer:
         A row depends only on the text from its start, so any page re-rendered alone comes out the same.
         """
         n, columns = len(text), self.columns
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         cells_before = np.concatenate([[0], np.cumsum(opens_cell)]).tolist()  # cells in text[:i]
         is_word = (codepoints != 32) & (codepoints != 10)
         marks = np.flatnonzero(~opens_cell & (codepoints != 10))
@@ -394,26 +424,13 @@ class TextRenderer:
                 start = owned_end
         return rows
 
-    def _window_start(self, text: str, size: int) -> int:
-        """Where to lay out from to keep the end of `text`: the last paragraph start at or before `len(text) -
-        size` (a row starts there in any layout), else the first word start after it; 0 for a short text."""
-        edge = len(text) - size
-        if edge <= 0:
-            return 0
-        newline = text.rfind("\n", 0, edge)
-        if newline >= 0 and edge - newline <= size:
-            return newline + 1
-        match = re.compile(r"\s\S").search(text, edge)
-        return match.start() + 1 if match else edge
-
-    def _draw_pages(self, text, ids, opens_cell, atlas, pages_rows):
+    def _draw_pages(self, codepoints, ids, opens_cell, atlas, pages_rows):
         """Draws all pages with one gather from the glyph atlas. Returns (pages, cells, replacement boxes drawn):
         `cells` (pages, rows, columns) holds the codepoint of the character each cell shows (its base character;
         0 for a blank cell)."""
         num_pages, columns = len(pages_rows), self.columns
         cell_ids = np.concatenate([ids[opens_cell], np.full(columns, BLANK_GLYPH, np.int32)])
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int32)
-        cell_codepoints = np.concatenate([codepoints[opens_cell], np.zeros(columns, np.int32)])
+        cell_codepoints = np.concatenate([codepoints[opens_cell].astype(np.int32), np.zeros(columns, np.int32)])
         cells_before = np.concatenate([[0], np.cumsum(opens_cell)])
         starts = np.zeros((num_pages, self.rows_per_page), dtype=np.int64)
         lengths = np.zeros((num_pages, self.rows_per_page), dtype=np.int64)
@@ -440,34 +457,43 @@ class TextRenderer:
 
     # ---- public API ------------------------------------------------------------------------------
 
-    def _rows(self, text: str, max_pages: int | None, overflow: str) -> tuple[int, list, bool]:
-        """(offset of the laid-out part in `text`, its rows, whether text was cut), laying out only what is kept."""
+    def _glyphs(self, part: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(codepoints, glyph ids, opens_cell, atlas) of `part`: each computed once per part laid out."""
+        codepoints = np.frombuffer(part.encode("utf-32-le"), dtype=np.uint32)
+        return (codepoints, *self._atlas.glyph_ids(part, codepoints))
+
+    def _rows(self, text: str, max_pages: int | None, overflow: str) -> tuple[int, tuple, list, bool]:
+        """(offset of the laid-out part in `text`, its `_glyphs`, its rows, whether text was cut), laying out only
+        what is kept."""
         per_page = self.rows_per_page
         if max_pages is None:
-            return 0, self._layout(text, self._glyph_ids(text)[1]), False
+            glyphs = self._glyphs(text)
+            return 0, glyphs, self._layout(text, glyphs[0], glyphs[2]), False
         limit = max_pages * per_page
         size = limit * (self.columns + 1)
         if overflow in ("truncate", "error"):
             while True:  # a prefix window; rows before its last two cannot depend on where it was cut
                 part = text[:size]
-                rows = self._layout(part, self._glyph_ids(part)[1], max_rows=limit + 2)
+                glyphs = self._glyphs(part)
+                rows = self._layout(part, glyphs[0], glyphs[2], max_rows=limit + 2)
                 if len(rows) >= limit + 2 or size >= len(text):
                     break
                 size *= 2
             if len(rows) <= limit:
-                return 0, rows, False
+                return 0, glyphs, rows, False
             if overflow == "error":
                 raise ValueError(
                     f"max_pages: the text needs more than {max_pages} pages; "
                     "raise max_pages or use overflow='truncate' or 'keep_end'"
                 )
-            return 0, rows[:limit], True
+            return 0, glyphs, rows[:limit], True
         while True:
-            offset = self._window_start(text, size)
+            offset = keep_end_window_start(text, size)
             part = text[offset:]
-            rows = self._layout(part, self._glyph_ids(part)[1])
+            glyphs = self._glyphs(part)
+            rows = self._layout(part, glyphs[0], glyphs[2])
             if len(rows) >= limit or offset == 0:
-                return offset, rows[-limit:], offset > 0 or len(rows) > limit
+                return offset, glyphs, rows[-limit:], offset > 0 or len(rows) > limit
             size *= 2
 
     def render(self, text: str, max_pages: int | None = None, overflow: str | None = None) -> RenderedText:
@@ -477,12 +503,10 @@ class TextRenderer:
         overflow = self.overflow if overflow is None else overflow
         self._check_overflow(max_pages, overflow)
         text = normalize_text(text, self.tab_size)
-        offset, rows, truncated = self._rows(text, max_pages, overflow)
-        part = text[offset:]
-        ids, opens_cell, atlas = self._glyph_ids(part)
+        offset, glyphs, rows, truncated = self._rows(text, max_pages, overflow)
         pages_rows = [rows[i : i + self.rows_per_page] for i in range(0, len(rows), self.rows_per_page)]
         spans = [(offset + page[0][0], offset + page[-1][1]) for page in pages_rows]
-        pages, cells, replaced = self._draw_pages(part, ids, opens_cell, atlas, pages_rows)
+        pages, cells, replaced = self._draw_pages(*glyphs, pages_rows)
         kept = spans[-1][1] - spans[0][0] if spans else 0
         dropped = None if not truncated else ("end" if overflow == "truncate" else "start")
         return RenderedText(
@@ -500,7 +524,8 @@ class TextRenderer:
         """The lines each page would show (no `max_pages` limit): for reading or for other drawing code."""
         check_text("text", text)
         text = normalize_text(text, self.tab_size)
-        rows = self._layout(text, self._glyph_ids(text)[1])
+        codepoints, _, opens_cell, _ = self._glyphs(text)
+        rows = self._layout(text, codepoints, opens_cell)
         return [
             [text[start:visible_end] for start, _, visible_end in rows[i : i + self.rows_per_page]]
             for i in range(0, len(rows), self.rows_per_page)

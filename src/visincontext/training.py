@@ -9,6 +9,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
+from .configuration_visincontext import LOSS_WEIGHTS
 from .data import ROW_KINDS, VisInContextCollator, format_dataset, prerender
 from .modeling_visincontext import NEW_MODULES, VisInContextForConditionalGeneration
 from .offline import default_model_and_processor
@@ -84,7 +85,7 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for --prerender."})
 
 
-LOSS_PARTS = ("lm_loss", "contrastive_loss", "reading_loss")
+LOSS_PARTS = tuple(LOSS_WEIGHTS)
 
 
 class _CollatorEpoch(TrainerCallback):
