@@ -1,4 +1,4 @@
-"""Every code block of the README runs (issue: quickstart + docs).
+"""Every code block of the README, of docs/ and of experiments/README.md runs (issue: quickstart + docs).
 
 Python blocks run with the big checkpoints they name replaced by tiny local ones of the same kinds (a
 CLIP vision tower and a Llama LM saved here, a prepared VisInContext folder for "your-name/..."). Bash blocks
@@ -23,7 +23,10 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CLIP
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
+# the README, then the pages it sends readers to, in this order: every code block of them runs
+DOCUMENTS = ["README.md", "docs/how-it-works.md", "docs/openflamingo.md", "docs/training.md", "docs/serving.md"]
+DOCUMENTS += ["docs/performance.md", "docs/compatibility.md", "experiments/README.md"]
+BLOCKS = [block for name in DOCUMENTS for block in re.findall(r"```(\w+)\n(.*?)```", (ROOT / name).read_text(), re.S)]
 
 
 def blocks(language):
@@ -125,7 +128,7 @@ def test_bash_blocks_run(workspace):
     for line in runnable:
         args = shlex.split(substitute(line, workspace))
         args[0] = sys.executable
-        args = [str(ROOT / a) if a.startswith("examples/") else a for a in args]
+        args = [str(ROOT / a) if a.startswith(("examples/", "experiments/")) else a for a in args]
         if "finetune.py" in line:
             args += ["--max_steps", "3"]
         if "synthetic_recall.py" in line:  # a few steps, not the 2 x 30 minutes of the full experiment

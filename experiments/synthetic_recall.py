@@ -11,10 +11,10 @@ patch i: without it the model learns to read one fact and stays there (see the R
 Held-out evaluation asks for (key, value) pairs that never occur in training (one pair in five is held
 out), on pages of 4-8 facts. A control run with blank pages and the same number of steps shows what the
 model can guess without reading. Results (JSON, learning curves, an example page) go to
-`examples/results/`.
+`experiments/results/`.
 
-    python examples/synthetic_recall.py                     # the full run (--minutes 5) and its control
-    python examples/synthetic_recall.py --minutes 2 --skip_control
+    python experiments/synthetic_recall.py                     # the full run (--minutes 5) and its control
+    python experiments/synthetic_recall.py --minutes 2 --skip_control
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""examples/needle.py: the needle-in-a-haystack experiment on the package's default page layout (issue: needle)."""
+"""experiments/needle.py: the needle-in-a-haystack experiment on the package's default page layout (issue: needle)."""
 
 import math
 import random
@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import needle  # noqa: E402
 

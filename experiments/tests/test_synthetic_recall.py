@@ -1,4 +1,4 @@
-"""examples/synthetic_recall.py: the model learns to read facts from rendered pages (issue: learning experiment)."""
+"""experiments/synthetic_recall.py: the model learns to read facts from rendered pages (issue: learning experiment)."""
 
 import json
 import random
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import synthetic_recall  # noqa: E402
 

@@ -20,15 +20,15 @@ Runs (each in its own process, so that its peak memory is its own):
 - `--compression`: runs of the same minutes each (`--compression-minutes`, 7) at 2, 4, 8 and 16 characters per
   latent (196, 98, 49 and 25 latents a page).
 
-    python examples/needle.py                          # rendered (2,000 steps) + controls + raw baseline
-    python examples/needle.py --baselines blank raw    # and a model trained on blank pages for the same steps
-    python examples/needle.py --compression            # the compression curve (4 x --compression-minutes)
-    python examples/needle.py --stage rendered --max-steps 1500 --output-dir /tmp/needle   # the rendered run alone
+    python experiments/needle.py                          # rendered (2,000 steps) + controls + raw baseline
+    python experiments/needle.py --baselines blank raw    # and a model trained on blank pages for the same steps
+    python experiments/needle.py --compression            # the compression curve (4 x --compression-minutes)
+    python experiments/needle.py --stage rendered --max-steps 1500 --output-dir /tmp/needle   # the rendered run alone
 
 The learning rate warms up for 100 steps, then decays along a cosine to 0 at the end of the budget: `--max-steps`
 or `--minutes`, whichever comes first (the raw baseline's budget is the rendered run's wall-clock time).
 
-Results: `examples/results/needle.json` (`accuracy_by_pages`, `chance`, ...), `needle_heatmap.png` (pages x depth,
+Results: `experiments/results/needle.json` (`accuracy_by_pages`, `chance`, ...), `needle_heatmap.png` (pages x depth,
 rendered and raw side by side), `needle_curves.png`, `needle_compression.png`, `needle_page.png`.
 """
 
