@@ -754,16 +754,13 @@ def train(args) -> dict:
     modes = [mode] + (["removed", "blank"] if mode == "rendered" else [])
     for evaluation_mode in modes:
         hits = exact_match(model, processor, final, evaluation_mode)
-        grid = {
-            p: {d: mean([h for h, s in zip(hits, final) if s["pages"] == p and s["depth"] == d]) for d in DEPTHS}
-            for p in PAGES
-        }
+        grid = by_pages_and_depth(hits, final)
         key = "" if evaluation_mode == mode else f"{evaluation_mode}_"
         results[f"{key}held_out_exact_match"] = mean(hits)
         if evaluation_mode != "raw":
             results[f"{key}digit_accuracy"] = mean(digit_accuracy(model, processor, final, evaluation_mode))
-        results[f"{key}accuracy_by_pages"] = {str(p): mean(list(grid[p].values())) for p in PAGES}
-        results[f"{key}accuracy_by_pages_and_depth"] = {str(p): {str(d): v for d, v in grid[p].items()} for p in PAGES}
+        results[f"{key}accuracy_by_pages"] = {p: mean(row.values()) for p, row in grid.items()}
+        results[f"{key}accuracy_by_pages_and_depth"] = grid
         if evaluation_mode == mode:  # where word wrapping put the code: each column's questions and accuracy
             columns = sorted({s["column"] for s in final})
             results["accuracy_by_code_column"] = {
