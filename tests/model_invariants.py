@@ -202,7 +202,11 @@ def measure(model, reload=None, references: dict | None = None, seeds: int = 4) 
         a, b = model(**inputs).logits[:, :cut], model(**changed).logits[:, :cut]
         causal = max(causal, (a.float() - b.float()).abs().max().item())
     result["causal"] = causal
+    # the media reach the language model: other pixels (image and pages) change the logits after them
     inputs = _inputs(model, seeds)
+    other = _inputs(model, seeds + 100)
+    swapped = dict(inputs, pixel_values=other["pixel_values"], context_pixel_values=other["context_pixel_values"])
+    result["media_effect"] = (model(**inputs).logits.float() - model(**swapped).logits.float()).abs().max().item()
     cached_tokens, cached_scores = _generate(model, inputs, use_cache=True)
     tokens, scores = _generate(model, inputs, use_cache=False)
     result["cache_tokens_equal"] = torch.equal(cached_tokens, tokens)
@@ -244,6 +248,10 @@ def violations(result: dict, zero_gate_tolerance: float = 1e-5, warnings_allowed
         found.append(f"attention implementation not set (attention runs unmasked): {sorted(unset)}")
     if result["causal"] != 0.0:
         found.append(f"not causal: logits before a changed token moved by {result['causal']:.3g}")
+    if result["media_effect"] < 1e-4:
+        found.append(
+            f"the media do not reach the language model: other pixels move the logits by {result['media_effect']:.3g}"
+        )
     if not result["cache_tokens_equal"] or result["cache_scores"] >= 1e-4:
         found.append(
             f"cached generation differs from uncached: tokens equal {result['cache_tokens_equal']}, "

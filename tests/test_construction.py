@@ -32,7 +32,7 @@ from visincontext.training import DataArguments, ModelArguments, build_model_and
 # the training scripts say when they build their offline default; nothing else may warn
 EXPLAINED = {"training script, offline default": ("training the offline default",)}
 
-BACKBONES = [("clip", "llama"), ("siglip", "qwen2"), ("clip", "mistral")]
+BACKBONES = [("clip", "llama"), ("siglip", "qwen2"), ("clip", "mistral"), ("clip", "mpt")]
 # the new parts as small as the tiny config's (tests/tiny.py)
 SMALL = dict(
     num_latents=4,

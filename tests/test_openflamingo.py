@@ -9,7 +9,9 @@ transformers CLIP tower, as OpenCLIP's ViT-L/14 "openai" is the same network as 
 """
 
 import importlib
+import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -195,10 +197,15 @@ LANGUAGE_MODELS = {  # OpenFlamingo's decoder-layer path for each (factory.py)
     "llama, untied": "model.layers",  # as OpenFlamingo-9B-deprecated (LLaMA-7B)
     "llama, tied": "model.layers",
     "gpt_neox": "gpt_neox.layers",  # as OpenFlamingo-4B-vitl-rpj3b (RedPajama-INCITE-3B)
+    "mpt": "transformer.blocks",  # as OpenFlamingo-9B-vitl-mpt7b (MPT-7B; transformers' MPT, tied embeddings)
 }
 
 
 def language_model_config(kind: str):
+    if kind == "mpt":
+        config = text_config("mpt")
+        config.n_layers = 4
+        return config
     if kind == "gpt_neox":
         return GPTNeoXConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, vocab_size=259
@@ -254,7 +261,7 @@ def openflamingo_checkpoint(request, open_flamingo, tmp_path_factory):
     torch.save(state, root / "checkpoint.pt")
     # the logits of <image> and <|endofchunk|> carry over where OpenFlamingo saved their output rows: tied to the
     # embedding, or an output embedding whose name has "embed" in it (GPT-NeoX's embed_out), which its filter keeps
-    output_saved = request.param == "llama, tied" or "lang_encoder.embed_out.weight" in state
+    output_saved = lang_encoder.config.tie_word_embeddings or "lang_encoder.embed_out.weight" in state
     layers = LANGUAGE_MODELS[request.param]
     return dict(
         root=root, flamingo=flamingo.eval(), tokenizer=tokenizer, state=state, output_saved=output_saved, layers=layers
@@ -283,7 +290,11 @@ def test_an_openflamingo_checkpoint_converts_to_the_same_model(openflamingo_chec
         kind, name = map_openflamingo_key(key, case["layers"])
         if kind == "model":
             assert torch.equal(ours[name], value), key
-    embedding = next(value for key, value in case["state"].items() if "embed_tokens" in key or "embed_in" in key)
+    embedding = next(
+        value
+        for key, value in case["state"].items()
+        if key.endswith(("embed_tokens.weight", "embed_in.weight", "wte.weight"))
+    )
     assert torch.equal(model.get_input_embeddings().weight, embedding)
 
     input_ids, pixel_values = prompt_and_images(case["tokenizer"])
@@ -344,19 +355,28 @@ def test_keys_that_do_not_map_and_wrong_settings_are_errors_naming_them(openflam
         convert_with({**state, f"lang_encoder.{layers}.1.gated_cross_attn_layer.attn.extra": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"vision_encoder\.conv1\.weight: .*the tower comes from --vision_model"):
         convert_with({**state, "vision_encoder.conv1.weight": torch.zeros(1)})
-    norm = "lang_encoder." + ("model.norm.weight" if layers == "model.layers" else "gpt_neox.final_layer_norm.weight")
+    norm = (
+        "lang_encoder."
+        + {
+            "model.layers": "model.norm.weight",
+            "gpt_neox.layers": "gpt_neox.final_layer_norm.weight",
+            "transformer.blocks": "transformer.norm_f.weight",
+        }[layers]
+    )
     with pytest.raises(ValueError, match=rf"{norm}: differs from .*trained with another language model"):
         convert_with({**state, norm: torch.full((32,), 3.0)})
-    dropped = {k: v for k, v in state.items() if "layers.3.gated_cross_attn_layer.ff_gate" not in k}
-    with pytest.raises(ValueError, match=r"lacks 1 weight\(s\) .*layers\.3\.gated_cross_attention\.ff_gate"):
+    dropped = {k: v for k, v in state.items() if f"{layers}.3.gated_cross_attn_layer.ff_gate" not in k}
+    wrapped = layers.split(".")[-1]  # the converted model keeps the LM's name for its layers (MPT: blocks)
+    with pytest.raises(ValueError, match=rf"lacks 1 weight\(s\) .*{wrapped}\.3\.gated_cross_attention\.ff_gate"):
         convert_with(dropped)
     with pytest.raises(
         ValueError, match=r"cross_attn_every_n_layers: .*before decoder layers \[1, 3\], every 2 layers, not every 4"
     ):
         convert_openflamingo_checkpoint(root, *backbones, 4)
-    as_mpt = {key.replace(f"lang_encoder.{layers}.", "lang_encoder.transformer.blocks."): v for key, v in state.items()}
-    with pytest.raises(ValueError, match=r"cross-attention sits in the decoder layers `transformer\.blocks`.*MPT"):
-        convert_with(as_mpt)  # an MPT-based release (3B, 9B) against a language model the package can wrap
+    other = "gpt_neox.layers" if layers != "gpt_neox.layers" else "transformer.blocks"
+    as_other = {key.replace(f"lang_encoder.{layers}.", f"lang_encoder.{other}."): v for key, v in state.items()}
+    with pytest.raises(ValueError, match=rf"cross-attention sits in the decoder layers `{re.escape(other)}`, but"):
+        convert_with(as_other)  # a release trained on another language model than the one given
     with pytest.raises(TypeError, match="language_model: expected a Hub id or a local folder"):
         convert_openflamingo_checkpoint(root, backbones[0], root / "lm")
     with pytest.raises(ValueError, match="cross_attn_every_n_layers: expected a positive integer, got True"):
@@ -378,6 +398,24 @@ def test_keys_that_do_not_map_and_wrong_settings_are_errors_naming_them(openflam
     assert (
         result.stderr.strip().splitlines()[-1].startswith("visincontext-convert-openflamingo: error: checkpoint_path")
     )
+
+
+@pytest.mark.parametrize(
+    "config, refusal",
+    [
+        (  # OpenFlamingo-3B-vitl-mpt1b's language model, as its config.json says (remote code, never run here)
+            {"model_type": "mosaic_gpt", "architectures": ["MosaicGPT"], "attn_qk_ln": True, "alibi": True},
+            r"an MPT with QK LayerNorm \(MosaicGPT remote code, as OpenFlamingo-3B-vitl-mpt1b's MPT-1B\)",
+        ),
+        ({"model_type": "mpt", "attn_config": {"qk_ln": True}}, r"an MPT with QK LayerNorm, which transformers' MPT"),
+        ({"model_type": "mpt", "attn_config": {"attn_type": "multiquery_attention"}}, r"'multiquery_attention'"),
+        ({"model_type": "my_lm", "auto_map": {"AutoModelForCausalLM": "my.LM"}}, r"model type 'my_lm'.*remote code"),
+    ],
+)
+def test_a_language_model_the_converted_model_cannot_compute_is_refused_before_loading(tmp_path, config, refusal):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"language_model: .*{refusal}"):
+        convert_openflamingo_checkpoint(tmp_path / "no-checkpoint-needed", str(tmp_path), str(tmp_path))
 
 
 def test_the_tokenizer_gets_openflamingos_token_order(openflamingo_checkpoint):

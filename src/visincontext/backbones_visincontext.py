@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, VisInContextConfig
-from .cross_attention_visincontext import GatedCrossAttentionBlock, VisInContextDecoderLayer
+from .cross_attention_visincontext import GatedCrossAttentionBlock, VisInContextDecoderLayer, relay_media_arguments
 from .embeddings_visincontext import MediaTokenEmbedding
 
 
@@ -38,24 +38,42 @@ def has_class_token_and_post_layernorm(vision_tower: nn.Module) -> bool:
     return hasattr(body, "post_layernorm") and hasattr(getattr(body, "embeddings", None), "class_embedding")
 
 
+# Where a decoder stack keeps its layers, and whether it calls them with a fixed set of arguments (so that the media
+# keyword arguments must be relayed to them): `layers` (Llama, Mistral, Qwen2, GPT-NeoX, ...: v5 stacks hand their
+# keyword arguments to every layer) or `blocks` (transformers' MPT, which does not).
+DECODER_LAYER_LISTS = {"layers": False, "blocks": True}
+
+
+def decoder_layers_name(language_model: nn.Module) -> str:
+    """The attribute of `language_model` (a decoder stack) that holds its decoder layers."""
+    for name in DECODER_LAYER_LISTS:
+        if isinstance(getattr(language_model, name, None), nn.ModuleList):
+            return name
+    raise ValueError(
+        f"text_config: {type(language_model).__name__} keeps no ModuleList of decoder layers named "
+        f"{' or '.join(f'`{name}`' for name in DECODER_LAYER_LISTS)}"
+    )
+
+
 def wrap_language_model(language_model: PreTrainedModel, config: VisInContextConfig) -> None:
     """Puts a gated cross-attention block before the decoder layers `config.cross_attention_layers` and the media
     tokens' rows into the embedding, in place."""
-    layers = getattr(language_model, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"text_config: {type(language_model).__name__} keeps no `layers` ModuleList of decoder layers")
+    name = decoder_layers_name(language_model)
     if not config.cross_attention_layers:
         raise ValueError(
             f"cross_attention_every: {config.cross_attention_every} leaves no cross-attention layer in a "
             f"{config.text_config.num_hidden_layers}-layer language model"
         )
     positions = {layer: position for position, layer in enumerate(sorted(config.cross_attention_layers))}
-    language_model.layers = nn.ModuleList(
+    wrapped = nn.ModuleList(
         VisInContextDecoderLayer(layer, GatedCrossAttentionBlock(config), positions[i])
         if i in positions
         else VisInContextDecoderLayer(layer, None, None)
-        for i, layer in enumerate(layers)
+        for i, layer in enumerate(getattr(language_model, name))
     )
+    setattr(language_model, name, wrapped)
+    if DECODER_LAYER_LISTS[name]:
+        relay_media_arguments(language_model)
     old = language_model.get_input_embeddings()
     embedding = MediaTokenEmbedding(old.num_embeddings, old.embedding_dim, config.media_token_ids, old.padding_idx)
     embedding.weight = old.weight  # keep the LM's (already initialised) vocabulary
@@ -63,10 +81,19 @@ def wrap_language_model(language_model: PreTrainedModel, config: VisInContextCon
     # Tensor parallelism shards the decoder layers as the LM's plan says (they now sit one level deeper); the
     # media-token embedding and head, and the new blocks, stay replicated (not written for sharded weights).
     language_model.tp_plan = {
-        key.replace("layers.*.", "layers.*.decoder_layer."): value
+        key.replace(f"{name}.*.", f"{name}.*.decoder_layer."): value
         for key, value in (language_model.tp_plan or {}).items()
         if key != "embed_tokens"
     }
+
+
+def tied_embedding_keys(language_model: nn.Module) -> dict[str, str]:
+    """The head's weights tied to the wrapped LM's embedding (`_tied_weights_keys`), under the name that LM gives its
+    embedding (`embed_tokens`, `embed_in`, MPT's `wte`)."""
+    embedding = language_model.get_input_embeddings()
+    name = next(n for n, m in language_model.named_modules() if m is embedding)
+    prefix = f"model.language_model.{name}"
+    return {"lm_head.weight": f"{prefix}.weight", "lm_head.media_head.weight": f"{prefix}.media_embedding.weight"}
 
 
 def load_vision_tower(name_or_path: str, **kwargs) -> PreTrainedModel:

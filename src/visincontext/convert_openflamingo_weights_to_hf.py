@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
-from .backbones_visincontext import build_around_backbones, load_vision_tower
+from .backbones_visincontext import build_around_backbones, decoder_layers_name, load_vision_tower
 from .configuration_visincontext import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, VisInContextConfig
 from .modeling_visincontext import VisInContextForConditionalGeneration
 from .processing_visincontext import VisInContextProcessor
@@ -78,6 +78,32 @@ def openflamingo_tokenizer(language_model: str, **kwargs):
     return tokenizer
 
 
+def check_language_model(language_model: str, **kwargs) -> None:
+    """Refuses, before anything is loaded or any code run, a language model the converted model could not compute as
+    OpenFlamingo did: remote code (no transformers class to save it under), and MPT attention that transformers' MPT
+    does not implement. OpenFlamingo-3B-vitl-mpt1b's MPT-1B is both: `MosaicGPT` remote code, with QK LayerNorm."""
+    config, _ = PreTrainedConfig.get_config_dict(language_model, **kwargs)
+    model_type = config.get("model_type")
+    attention = config.get("attn_config") or {}
+    qk_layernorm = config.get("attn_qk_ln") or attention.get("qk_ln")
+    if model_type == "mosaic_gpt" or (model_type == "mpt" and qk_layernorm):
+        raise ValueError(
+            f"language_model: {language_model!r} is an MPT with QK LayerNorm"
+            + (" (MosaicGPT remote code, as OpenFlamingo-3B-vitl-mpt1b's MPT-1B)" if model_type == "mosaic_gpt" else "")
+            + ", which transformers' MPT does not compute: its converted model would not be OpenFlamingo's"
+        )
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"language_model: {language_model!r} has model type {model_type!r}, which transformers does not define "
+            "(remote code): convert with a language model of a transformers class"
+        )
+    if model_type == "mpt" and attention.get("attn_type", "multihead_attention") != "multihead_attention":
+        raise ValueError(
+            f"language_model: {language_model!r} uses MPT's {attention['attn_type']!r}, which transformers' MPT does "
+            "not compute"
+        )
+
+
 def _cross_attention_layers(state: dict, layers_path: str, language_model_name: str) -> list[int]:
     found, paths = set(), set()
     for key in state:
@@ -90,8 +116,8 @@ def _cross_attention_layers(state: dict, layers_path: str, language_model_name: 
         raise ValueError(
             f"language_model: the checkpoint's cross-attention sits in the decoder layers `{sorted(paths)[0]}`, but "
             f"{language_model_name} keeps them in `{layers_path}`: convert with the language model it was trained "
-            "with (the package wraps decoder stacks that keep a `layers` list and pass keyword arguments to their "
-            "layers: Llama, Mistral, Qwen2, GPT-NeoX, ...; MPT does not)"
+            "with (the package wraps decoder stacks that keep their layers in `layers` (Llama, Mistral, Qwen2, "
+            "GPT-NeoX, ...) or `blocks` (transformers' MPT))"
         )
     if not found:
         raise ValueError("checkpoint_path: no gated cross-attention block (`gated_cross_attn_layer`) in the checkpoint")
@@ -110,7 +136,8 @@ def map_openflamingo_key(key: str, layers_path: str) -> tuple[str, str] | None:
         for pattern, replacement in _BLOCK_PART.items():
             if re.fullmatch(pattern, rest):
                 part = re.sub(pattern, replacement, rest)
-                return "model", f"model.language_model.layers.{layer}.gated_cross_attention.{part}"
+                wrapped = layers_path.rsplit(".", 1)[-1]  # the package keeps the LM's own name for its layers
+                return "model", f"model.language_model.{wrapped}.{layer}.gated_cross_attention.{part}"
         return None
     decoder = rf"lang_encoder\.(?:{re.escape(layers_path)}\.(\d+)\.decoder_layer|old_decoder_blocks\.(\d+))\.(.+)"
     if match := re.fullmatch(decoder, key):
@@ -157,6 +184,7 @@ def convert_openflamingo_checkpoint(
         or cross_attn_every_n_layers < 1
     ):
         raise ValueError(f"cross_attn_every_n_layers: expected a positive integer, got {cross_attn_every_n_layers!r}")
+    check_language_model(language_model)  # before the checkpoint (gigabytes) is read
     state = load_openflamingo_state_dict(checkpoint_path)
     unsupported = [f"{key}: {why}" for key, why in _UNSUPPORTED.items() if key in state]
     if unsupported:
@@ -164,7 +192,8 @@ def convert_openflamingo_checkpoint(
     tokenizer = openflamingo_tokenizer(language_model)
     causal_lm = AutoModelForCausalLM.from_pretrained(language_model, **({"dtype": dtype} if dtype else {}))
     vision_tower = load_vision_tower(vision_model, dtype=causal_lm.dtype)
-    layers_path = f"{causal_lm.base_model_prefix}.layers"
+    layers_name = decoder_layers_name(causal_lm.get_decoder())
+    layers_path = f"{causal_lm.base_model_prefix}.{layers_name}"
     layers = _cross_attention_layers(state, layers_path, type(causal_lm).__name__)  # first: the path the keys use
     lm_state = causal_lm.state_dict()
     input_embedding = _weight_name(causal_lm, causal_lm.get_input_embeddings())
@@ -211,7 +240,7 @@ def convert_openflamingo_checkpoint(
         )
     latents = converted["model.image_resampler.latents"]
     inner = converted["model.image_resampler.layers.0.0.to_q.weight"].shape[0]
-    block = f"model.language_model.layers.{layers[0]}.gated_cross_attention"
+    block = f"model.language_model.{layers_name}.{layers[0]}.gated_cross_attention"
     cross_inner = converted[f"{block}.cross_attention.to_q.weight"]
     if latents.shape[1] != vision_tower.config.hidden_size:
         raise ValueError(

@@ -4,6 +4,7 @@
 chunk reads each), the gated cross-attention blocks (tanh gates start at 0: the identity), and the decoder-layer
 wrapper that puts a block before a layer of the wrapped language model."""
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -200,13 +201,35 @@ class GatedCrossAttentionBlock(GradientCheckpointingLayer):
         return hidden_states + self.ff_gate.tanh() * self.feed_forward(hidden_states)
 
 
+MEDIA_ARGUMENTS = ("media", "media_key_values", "media_attention_mask", "projected_media")
+# The media arguments of the language model's forward now running in this thread (or task), for decoder stacks that
+# call their layers with a fixed set of arguments and drop the rest (transformers' MPT): a hook on such a stack
+# (`relay_media_arguments`) sets them before its forward and clears them after.
+_RELAYED_MEDIA: ContextVar[dict | None] = ContextVar("visincontext_relayed_media", default=None)
+
+
+def _capture_media_arguments(module, args, kwargs):
+    _RELAYED_MEDIA.set({name: kwargs.get(name) for name in MEDIA_ARGUMENTS})
+
+
+def _release_media_arguments(module, args, kwargs, output):
+    _RELAYED_MEDIA.set(None)
+
+
+def relay_media_arguments(decoder_stack: nn.Module) -> None:
+    """Hands the media keyword arguments of `decoder_stack`'s forward to its wrapped layers, for a stack that does
+    not pass its keyword arguments on (its forward must accept and ignore them, as MPT's `**kwargs` does)."""
+    decoder_stack.register_forward_pre_hook(_capture_media_arguments, with_kwargs=True)
+    decoder_stack.register_forward_hook(_release_media_arguments, with_kwargs=True, always_call=True)
+
+
 class VisInContextDecoderLayer(nn.Module):
     """A decoder layer of the wrapped LM, preceded by a gated cross-attention block where configured.
 
-    The media arrive as keyword arguments of the LM's forward, which v5 decoder stacks hand to every layer: the
-    memory (`media`), the slots each token reads (`media_attention_mask`), and either the memory as this block
-    projected it earlier (`media_key_values`, at generate's later steps) or a list to put its projection in
-    (`projected_media`, for generate to reuse).
+    The media arrive as keyword arguments of the LM's forward, which v5 decoder stacks hand to every layer (stacks
+    that do not are relayed: `relay_media_arguments`): the memory (`media`), the slots each token reads
+    (`media_attention_mask`), and either the memory as this block projected it earlier (`media_key_values`, at
+    generate's later steps) or a list to put its projection in (`projected_media`, for generate to reuse).
     """
 
     def __init__(
@@ -227,6 +250,9 @@ class VisInContextDecoderLayer(nn.Module):
         projected_media: list | None = None,
         **kwargs,
     ):
+        if media is None and (relayed := _RELAYED_MEDIA.get()) is not None:
+            media, media_key_values = relayed["media"], relayed["media_key_values"]
+            media_attention_mask, projected_media = relayed["media_attention_mask"], relayed["projected_media"]
         if self.gated_cross_attention is not None and media is not None:
             if media_key_values is not None:
                 key, value = media_key_values[self.cross_attention_index]

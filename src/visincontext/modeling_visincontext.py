@@ -40,6 +40,7 @@ from .backbones_visincontext import (
     has_class_token_and_post_layernorm,
     load_backbones,
     resolve_attention,
+    tied_embedding_keys,
     vision_body,
     wrap_language_model,
 )
@@ -460,11 +461,6 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
     # term too) back up by the number of processes.
     accepts_loss_kwargs = False
 
-    _tied_weights_keys = {
-        "lm_head.weight": "model.language_model.embed_tokens.weight",
-        "lm_head.media_head.weight": "model.language_model.embed_tokens.media_embedding.weight",
-    }
-
     def __init__(
         self,
         config: VisInContextConfig,
@@ -476,6 +472,7 @@ class VisInContextForConditionalGeneration(VisInContextPreTrainedModel, Generati
         super().__init__(config)
         body = None if language_model is None else language_model.get_decoder()
         self.model = VisInContextModel(config, vision_tower=vision_tower, language_model=body)
+        self._tied_weights_keys = tied_embedding_keys(self.model.language_model)
         text_config = config.text_config
         self.lm_head = MediaTokenLMHead(
             text_config.hidden_size, text_config.vocab_size, config.media_token_ids, config.output_vocab_size

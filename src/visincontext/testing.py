@@ -6,6 +6,7 @@ from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     MistralConfig,
+    MptConfig,
     Qwen2Config,
     SiglipVisionConfig,
 )
@@ -37,6 +38,10 @@ def vision_config(kind: str = "clip", image_size: int = IMAGE_SIZE, hidden_size:
 
 
 def text_config(kind: str = "llama", hidden_size: int = 32):
+    if kind == "mpt":  # transformers' MPT (ALiBi, no biases), as OpenFlamingo-9B-vitl-mpt7b's MPT-7B
+        return MptConfig(
+            d_model=hidden_size, n_heads=4, n_layers=2, expansion_ratio=2, vocab_size=VOCAB, max_seq_len=256
+        )
     common = dict(
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,

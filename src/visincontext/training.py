@@ -235,7 +235,7 @@ def add_lora(model, args: ModelArguments):
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=0.0,
-        target_modules=rf".*language_model\.layers\.\d+\.decoder_layer\..*\.({targets})",
+        target_modules=rf".*language_model\.(?:layers|blocks)\.\d+\.decoder_layer\..*\.({targets})",  # (blocks: MPT)
         modules_to_save=list(NEW_MODULES),
     )
     return get_peft_model(model, config)
