@@ -308,7 +308,7 @@ def training_fill(rng: random.Random, partial_page_share: float) -> float:
     return 1.0
 
 
-TRAINING_MIXES = ("single", "mixed")
+TRAINING_MIXES = ("single", "mixed", "multi-key")
 KEYS_PER_PAGE = 6  # needles that fit on one page with room left for filler (8 fill it: see `pages_for_keys`)
 
 
@@ -326,12 +326,14 @@ class TrainingHaystacks:
             raise ValueError(f"mix: expected one of {TRAINING_MIXES}, got {mix!r}")
         self.mix, self.rng = mix, random.Random(seed + 30_029)
         self.by_filler = {"words": Haystacks(processor, held_out=False, seed=seed)}
-        if mix == "mixed":
+        if mix != "single":
             self.by_filler["news"] = Haystacks(processor, held_out=False, seed=seed, filler="news")
 
     def family(self) -> dict:
         if self.mix == "single":  # (no draw: the first recipe's stream stays as it was)
             return {"filler": "words", "keys": 1, "asked": 1}
+        if self.mix == "multi-key":  # every question has distractors: 2 to 8 needles, one asked
+            return {"filler": self.rng.choice(FILLERS), "keys": self.rng.choice((2, 3, 4, 6, 8)), "asked": 1}
         keys = self.rng.choice((1, 2, 3, 4, 6, 8))
         asked = 2 if keys > 1 and self.rng.random() < 0.2 else 1
         return {"filler": self.rng.choice(FILLERS), "keys": keys, "asked": asked}
@@ -423,8 +425,9 @@ def reading_cells_per_latent(num_latents: int) -> int:
     return patches * CELLS_PER_PATCH
 
 
-def build_model(seed: int, num_latents: int, cells_per_latent: int, reading_loss_weight: float):
-    """Every part random and trained; the tanh gates start open (nothing pretrained to protect)."""
+def build_model(seed: int, num_latents: int, cells_per_latent: int, reading_loss_weight: float, text_layers: int = 2):
+    """Every part random and trained; the tanh gates start open (nothing pretrained to protect). `text_layers`: the
+    byte-level Llama's depth (a gated cross-attention block before each layer)."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=96,
@@ -437,7 +440,7 @@ def build_model(seed: int, num_latents: int, cells_per_latent: int, reading_loss
     text = LlamaConfig(
         hidden_size=128,
         intermediate_size=512,
-        num_hidden_layers=2,
+        num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         vocab_size=BYTE_VOCAB,
@@ -692,7 +695,11 @@ def train(args) -> dict:
     mode = {"rendered": "rendered", "blank": "blank", "raw": "raw"}[args.stage]
     read_cells = cells * (1 + args.reading_context_latents)  # a latent spells its run and the runs before it
     model = build_model(
-        args.seed, num_latents, read_cells, reading_loss_weight=0.0 if mode == "raw" else args.reading_loss_weight
+        args.seed,
+        num_latents,
+        read_cells,
+        reading_loss_weight=0.0 if mode == "raw" else args.reading_loss_weight,
+        text_layers=args.text_layers,
     )
     curve_set = evaluation_set(processor, args.seed + 1, per_cell=1, pages=(1, 4, 16), depths=(0.0, 0.5, 1.0))
     budget = Budget(
@@ -737,6 +744,9 @@ def train(args) -> dict:
     trainer.train()
     minutes = (time.time() - started) / 60
     shutil.rmtree(scratch, ignore_errors=True)
+    if args.save_model:  # for probing afterwards (attention, other keys): the model and processor, as users save them
+        model.save_pretrained(args.save_model)
+        processor.save_pretrained(args.save_model)
     final = evaluation_set(processor, args.seed + 2, per_cell=args.eval_per_cell)
     results = {
         "stage": args.stage,
@@ -813,6 +823,7 @@ STAGE_SETTINGS = (
     "partial_page_share",
     "mix",
     "reading_context_latents",
+    "text_layers",
     "families",
     "family_eval_per_cell",
     "eval_every",
@@ -981,6 +992,12 @@ def parse_args(argv=None):
         help="each latent also spells the cells of this many runs before its own (0: its own run only)",
     )
     parser.add_argument(
+        "--text-layers",
+        type=int,
+        default=2,
+        help="layers of the byte-level language model, each with a gated cross-attention block before it",
+    )
+    parser.add_argument(
         "--families",
         type=int,
         choices=(0, 1),
@@ -988,6 +1005,7 @@ def parse_args(argv=None):
         help="1: also evaluate the multi-key, multi-query and news-filler families (FAMILIES)",
     )
     parser.add_argument("--family-eval-per-cell", type=int, default=8, help="questions per (pages, depth), each family")
+    parser.add_argument("--save-model", default=None, help="a folder to save the trained model and processor in")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-per-cell", type=int, default=8, help="held-out questions per (pages, depth)")
     parser.add_argument("--threads", type=int, default=2)
@@ -1015,6 +1033,7 @@ def parse_args(argv=None):
         "eval_every",
         "eval_per_cell",
         "family_eval_per_cell",
+        "text_layers",
         "threads",
         "compression_minutes",
     ):

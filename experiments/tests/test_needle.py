@@ -270,6 +270,16 @@ def test_the_mixed_stream_has_every_family_and_nothing_held_out(processor):
     assert keys == {1, 2, 3, 4, 6, 8} and asked == {1, 2} and fillers == set(needle.FILLERS)
 
 
+def test_the_multi_key_stream_always_has_distractors_and_asks_for_one(processor):
+    haystacks = needle.TrainingHaystacks(processor, seed=0, mix="multi-key")
+    keys, fillers = set(), set()
+    for _ in range(60):
+        sample = needle.training_haystack(haystacks, 1, 0.5)
+        keys.add(sample["keys"]), fillers.add(sample["filler"])
+        assert sample["asked"] == 1 and needle.prompt_of(sample).endswith(f"vault {sample['vaults'][0]}? Answer:")
+    assert keys == {2, 3, 4, 6, 8} and fillers == set(needle.FILLERS)
+
+
 def test_left_context_targets_spell_each_latents_run_after_the_runs_before_it(processor):
     haystacks = needle.Haystacks(processor, held_out=False, seed=0)
     samples = [haystacks.sample(1, 0.5), haystacks.sample(2, 0.5)]  # one page and two: the first gets a padded page
@@ -303,6 +313,7 @@ def test_left_context_targets_spell_each_latents_run_after_the_runs_before_it(pr
         ["--partial-page-share", "1.5"],
         ["--mix", "all"],
         ["--reading-context-latents", "-1"],
+        ["--text-layers", "0"],
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, argument):
