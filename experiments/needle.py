@@ -519,6 +519,51 @@ def by_pages_and_depth(hits: list[bool], samples: list[dict]) -> dict:
     return {p: {d: mean(v) for d, v in row.items()} for p, row in cells.items()}
 
 
+def code_latents(processor, sample: dict, cells_per_latent: int = 4) -> list[list[int]]:
+    """For each needle of a one-page haystack, the latents whose reading runs hold its code's four digits."""
+    rendered = processor.renderer.render(sample["context"])
+    page = "".join(chr(c) if c else " " for c in rendered.cells[0].reshape(-1))
+    starts = [page.index(f"{code}.") for code in sample["codes"]]
+    return [sorted({cell // cells_per_latent for cell in range(i, i + 4)}) for i in starts]
+
+
+@torch.no_grad()
+def first_digit_attention(model, processor, samples: list[dict]) -> list[dict]:
+    """Where each cross-attention block looks when the answer's first digit is predicted (one-page haystacks, heads
+    averaged): the attention on the asked needle's code latents, on each other needle's (mean), and on the rest."""
+    captured = []
+
+    def capture(module, args):
+        hidden_states, key, _, mask = args
+        query = module.to_q(module.norm(hidden_states)).unflatten(-1, (module.num_heads, -1)).transpose(1, 2)
+        scores = (query @ key.transpose(2, 3)) * query.shape[-1] ** -0.5
+        captured.append(scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(-1)[0, :, -1].mean(0))
+
+    blocks = [
+        layer.gated_cross_attention.cross_attention
+        for layer in model.model.language_model.layers
+        if layer.gated_cross_attention is not None
+    ]
+    handles = [block.register_forward_pre_hook(capture) for block in blocks]
+    totals = [{"asked": 0.0, "each_other_needle": 0.0, "rest": 0.0} for _ in blocks]
+    try:
+        model.eval()
+        for sample in samples:
+            latents = code_latents(processor, sample)
+            captured.clear()
+            model(**processor(text=[prompt_of(sample) + " "], context=[sample["context"]], return_tensors="pt"))
+            for total, weights in zip(totals, captured):
+                asked = weights[latents[0]].sum().item()
+                others = [weights[ids].sum().item() for ids in latents[1:]]
+                total["asked"] += asked / len(samples)
+                total["each_other_needle"] += mean(others) / len(samples)
+                total["rest"] += (1 - asked - sum(others)) / len(samples)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return totals
+
+
 def family_results(model, processor, family: dict, seed: int, per_cell: int) -> dict:
     """One family's held-out exact match by pages and depth, its rate of answering another needle's value, and
     with several needles the "question removed" control (the right needle's code at 1/k when the question is

@@ -340,3 +340,29 @@ def test_a_short_run_reads_the_code_from_real_pages_and_not_from_blank_ones(tmp_
     assert results["digit_accuracy"] >= 0.3, results["digit_accuracy"]
     assert results["blank_digit_accuracy"] <= 0.2, results["blank_digit_accuracy"]
     assert results["removed_digit_accuracy"] <= 0.2, results["removed_digit_accuracy"]
+
+
+def test_code_latents_are_the_latents_that_spell_each_code(processor):
+    haystacks = needle.Haystacks(processor, held_out=True, seed=5, filler="news")
+    for _ in range(5):
+        sample = haystacks.sample(1, random.random(), keys=4)
+        rendered = processor.renderer.render(sample["context"])
+        page = "".join(chr(c) if c else " " for c in rendered.cells[0].reshape(-1))
+        for code, latents in zip(sample["codes"], needle.code_latents(processor, sample)):
+            runs = "".join(page[4 * latent : 4 * latent + 4] for latent in latents)
+            assert code in runs and len(latents) <= 2  # a code spans one run or two
+
+
+def test_first_digit_attention_shares_add_up_and_see_the_needles(processor):
+    model = needle.build_model(0, 98, 4, reading_loss_weight=1.0)
+    samples = [needle.Haystacks(processor, held_out=True, seed=6, filler="news").sample(1, 0.5, keys=4)]
+    shares = needle.first_digit_attention(model, processor, samples)
+    assert len(shares) == 2  # a cross-attention block before each of the 2 layers
+    for block in shares:
+        assert abs(block["asked"] + 3 * block["each_other_needle"] + block["rest"] - 1) < 1e-5
+        assert 0 < block["asked"] < 1
+    assert not any(
+        h
+        for layer in model.model.language_model.layers
+        for h in layer.gated_cross_attention.cross_attention._forward_pre_hooks.values()
+    )
