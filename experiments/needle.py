@@ -54,6 +54,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, TrainerCallback, Trainin
 from visincontext import VisInContextConfig, VisInContextForConditionalGeneration
 from visincontext.data import VisInContextCollator
 from visincontext.offline import BYTE_VOCAB, default_processor
+from visincontext.perceiver_visincontext import eager_attention_forward
 from visincontext.training import VisInContextTrainer
 
 PAGES = (1, 2, 4, 8, 16)
@@ -534,10 +535,11 @@ def first_digit_attention(model, processor, samples: list[dict]) -> list[dict]:
     captured = []
 
     def capture(module, args):
-        hidden_states, key, _, mask = args
+        hidden_states, key, value, mask = args
         query = module.to_q(module.norm(hidden_states)).unflatten(-1, (module.num_heads, -1)).transpose(1, 2)
-        scores = (query @ key.transpose(2, 3)) * query.shape[-1] ** -0.5
-        captured.append(scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(-1)[0, :, -1].mean(0))
+        # the package's eager attention, which returns the weights the block's SDPA call does not
+        _, weights = eager_attention_forward(module, query, key, value, mask.unsqueeze(1), query.shape[-1] ** -0.5)
+        captured.append(weights[0, :, -1].mean(0))
 
     blocks = [
         layer.gated_cross_attention.cross_attention
