@@ -105,6 +105,12 @@ def chance_level() -> float:
 # moves codes to odd columns in 39% of training haystacks) read column 17 better but the rest worse, 87% in all
 # against 89.5%, and delayed learning: the one phrasing stays.
 NEEDLE = "The access code of vault {vault} is {code}."
+STATEMENT = "The access code of vault {vault} is"  # the needle up to its value: RULER's answer prefix
+# How a question is asked and answered: "code" (the question ends with "Answer:", the answer is the code) or
+# "statement" (the prompt is RULER's answer prefix, the needle up to its value: "The access code of vault Q-17 is",
+# and the answer is " 4829."), so that the key stands right before the value the cross-attention must find; two
+# asked vaults are named first ("Vaults Q-17 and B-22. The access code of vault Q-17 is").
+ANSWER_FORMS = ("code", "statement")
 
 
 def vault_and_code(rng: random.Random, held_out: bool) -> tuple[str, str]:
@@ -186,12 +192,15 @@ class Haystacks:
     the others at random depths. `filler`: "words" (Faker's sentences of a word list, no digits) or "news" (news
     items, read in order from a random item on, with their own numbers)."""
 
-    def __init__(self, processor, held_out: bool, seed: int, filler: str = "words"):
+    def __init__(self, processor, held_out: bool, seed: int, filler: str = "words", answer_form: str = "code"):
         from faker import Faker
 
         if filler not in FILLERS:
             raise ValueError(f"filler: expected one of {FILLERS}, got {filler!r}")
+        if answer_form not in ANSWER_FORMS:
+            raise ValueError(f"answer_form: expected one of {ANSWER_FORMS}, got {answer_form!r}")
         self.processor, self.held_out, self.filler_kind = processor, held_out, filler
+        self.answer_form = answer_form
         self.fake = Faker("en_US")
         self.fake.seed_instance(seed + (10_007 if held_out else 0))
         self.words = words(held_out)
@@ -254,6 +263,7 @@ class Haystacks:
             "asked": asked,
             "keys": keys,
             "filler": self.filler_kind,
+            "answer_form": self.answer_form,
             "depth": depth,
             "pages": pages,
             "column": code_column(rendered, codes[0]),
@@ -282,8 +292,13 @@ def code_column(rendered, code: str) -> int:
 
 def prompt_of(sample: dict, key: bool = True) -> str:
     """The question: the asked vault's code, or the two asked vaults' codes; `key=False` leaves the vault out (the
-    "question removed" control: the pages alone cannot say which needle is meant)."""
+    "question removed" control: the pages alone cannot say which needle is meant). In the "statement" answer form
+    the prompt is the first asked needle up to its value, after the asked vaults' names when there are two."""
     asked = sample["vaults"][: sample["asked"]]
+    if sample.get("answer_form", "code") == "statement":
+        if not key:
+            return "The access code of the vault is"
+        return (f"Vaults {' and '.join(asked)}. " if len(asked) > 1 else "") + STATEMENT.format(vault=asked[0])
     if not key:
         return "What is the access code of the vault? Answer:"
     if len(asked) == 1:
@@ -291,9 +306,20 @@ def prompt_of(sample: dict, key: bool = True) -> str:
     return f"What are the access codes of vaults {' and '.join(asked)}? Answer:"
 
 
-def answer_of(sample: dict) -> str:
-    """What the model is trained to say: the asked codes, in the question's order."""
-    return " " + " ".join(sample["codes"][: sample["asked"]])
+def answer_of(sample: dict, every_needle: bool = False) -> str:
+    """What the model is trained to say: the asked codes, in the question's order. In the "statement" form each code
+    ends its needle's sentence and the next asked one is stated in full (" 4829. The access code of vault B-22 is
+    1234."); `every_needle` (a training answer) goes on to state every other needle of the pages too, each as its key
+    and value ("L-13 is 1365.", a third of the characters of its sentence: the step stays cheap), so that one haystack
+    of k needles trains k look-ups by key."""
+    if sample.get("answer_form", "code") == "code":
+        if every_needle:
+            raise ValueError("every_needle: a training answer states every needle only in the 'statement' form")
+        return " " + " ".join(sample["codes"][: sample["asked"]])
+    needles = list(zip(sample["vaults"], sample["codes"]))
+    asked, others = needles[: sample["asked"]], needles[sample["asked"] :] if every_needle else []
+    stated = [f"{asked[0][1]}."] + [NEEDLE.format(vault=v, code=c) for v, c in asked[1:]]
+    return " " + " ".join(stated + [f"{v} is {c}." for v, c in others])
 
 
 def training_pages(rng: random.Random, max_pages: int) -> int:
@@ -322,13 +348,13 @@ class TrainingHaystacks:
     """The training haystacks of a mix: "single" (the first recipe: one needle, word filler) or "mixed" (1 to 8
     needles, a fifth of the questions asking for two of them, word or news filler in equal shares)."""
 
-    def __init__(self, processor, seed: int, mix: str = "single"):
+    def __init__(self, processor, seed: int, mix: str = "single", answer_form: str = "code"):
         if mix not in TRAINING_MIXES:
             raise ValueError(f"mix: expected one of {TRAINING_MIXES}, got {mix!r}")
         self.mix, self.rng = mix, random.Random(seed + 30_029)
-        self.by_filler = {"words": Haystacks(processor, held_out=False, seed=seed)}
+        self.by_filler = {"words": Haystacks(processor, held_out=False, seed=seed, answer_form=answer_form)}
         if mix != "single":
-            self.by_filler["news"] = Haystacks(processor, held_out=False, seed=seed, filler="news")
+            self.by_filler["news"] = Haystacks(processor, False, seed, filler="news", answer_form=answer_form)
 
     def family(self) -> dict:
         if self.mix == "single":  # (no draw: the first recipe's stream stays as it was)
@@ -355,12 +381,14 @@ def training_haystack(haystacks, max_pages: int, partial_page_share: float) -> d
     return haystacks.sample(pages, fill=training_fill(haystacks.rng, partial_page_share))
 
 
-def training_sample(haystacks, max_pages: int, blank: bool, partial_page_share: float = 0.0) -> dict:
+def training_sample(
+    haystacks, max_pages: int, blank: bool, partial_page_share: float = 0.0, every_needle: bool = False
+) -> dict:
     sample = training_haystack(haystacks, max_pages, partial_page_share)
     return {
         "images": [],
         "prompt": prompt_of(sample),
-        "text": f"{answer_of(sample)}<|endofchunk|>",
+        "text": f"{answer_of(sample, every_needle)}<|endofchunk|>",
         "context": blank_like(sample["context"]) if blank else sample["context"],
     }
 
@@ -371,20 +399,31 @@ def blank_like(text: str) -> str:
 
 
 class SampleStream(torch.utils.data.IterableDataset):
-    def __init__(self, processor, seed: int, max_pages: int, blank: bool, partial_page_share=0.0, mix="single"):
+    def __init__(
+        self,
+        processor,
+        seed: int,
+        max_pages: int,
+        blank: bool,
+        partial_page_share=0.0,
+        mix="single",
+        answer_form="code",
+        every_needle=False,
+    ):
         self.processor, self.seed, self.max_pages, self.blank = processor, seed, max_pages, blank
         self.partial_page_share, self.mix = partial_page_share, mix
+        self.answer_form, self.every_needle = answer_form, every_needle
 
     def __iter__(self):
-        haystacks = TrainingHaystacks(self.processor, self.seed, self.mix)
+        haystacks = TrainingHaystacks(self.processor, self.seed, self.mix, self.answer_form)
         while True:
-            yield training_sample(haystacks, self.max_pages, self.blank, self.partial_page_share)
+            yield training_sample(haystacks, self.max_pages, self.blank, self.partial_page_share, self.every_needle)
 
 
 def evaluation_set(
-    processor, seed: int, per_cell: int, pages=PAGES, depths=DEPTHS, filler="words", keys=1, asked=1
+    processor, seed: int, per_cell: int, pages=PAGES, depths=DEPTHS, filler="words", keys=1, asked=1, answer_form="code"
 ) -> list[dict]:
-    haystacks = Haystacks(processor, held_out=True, seed=seed, filler=filler)
+    haystacks = Haystacks(processor, held_out=True, seed=seed, filler=filler, answer_form=answer_form)
     pages = [p for p in pages if p >= pages_for_keys(keys)]
     return [haystacks.sample(p, d, keys=keys, asked=asked) for p in pages for d in depths for _ in range(per_cell)]
 
@@ -566,12 +605,22 @@ def first_digit_attention(model, processor, samples: list[dict]) -> list[dict]:
     return totals
 
 
-def family_results(model, processor, family: dict, seed: int, per_cell: int) -> dict:
+def with_absent_vault(sample: dict, rng: random.Random) -> dict:
+    """The sample asked about a held-out vault that is on none of its pages (the pages and needles unchanged)."""
+    while True:
+        name, _ = vault_and_code(rng, held_out=True)
+        if name not in sample["vaults"] and name not in sample["context"]:
+            return {**sample, "vaults": [name, *sample["vaults"][1:]], "vault": name}
+
+
+def family_results(model, processor, family: dict, seed: int, per_cell: int, answer_form: str = "code") -> dict:
     """One family's held-out exact match by pages and depth, its rate of answering another needle's value, and
     with several needles the "question removed" control (the right needle's code at 1/k when the question is
-    needed; `question_removed_any_needle` says how often it still gives some needle's code)."""
+    needed; `question_removed_any_needle` says how often it still gives some needle's code), and how often some
+    needle's code is given when the key is on the pages (`any_needle`) and when it is on none
+    (`key_absent_any_needle`)."""
     settings = {k: family[k] for k in ("filler", "keys", "asked")}
-    samples = evaluation_set(processor, seed, per_cell, **settings)
+    samples = evaluation_set(processor, seed, per_cell, **settings, answer_form=answer_form)
     answers = generate_answers(model, processor, samples, "rendered")
     hits = [is_exact(a, s) for a, s in zip(answers, samples)]
     grid = by_pages_and_depth(hits, samples)
@@ -590,6 +639,16 @@ def family_results(model, processor, family: dict, seed: int, per_cell: int) -> 
             bool(set(re.findall(r"\d{4}", a)[:1]) & set(s["codes"])) for a, s in zip(blind, samples)
         )
         results["question_removed_chance"] = 1 / family["keys"]
+        # the same pages asked about a vault that is on none of them: a model that selects by the key has no needle
+        # to prefer, one that copies some code gives it as often as when the key is there
+        absent = [with_absent_vault(s, random.Random(f"absent-{seed}-{i}")) for i, s in enumerate(samples)]
+        results["key_absent_any_needle"] = mean(
+            bool(set(re.findall(r"\d{4}", a)[:1]) & set(s["codes"]))
+            for a, s in zip(generate_answers(model, processor, absent, "rendered"), absent)
+        )
+        results["any_needle"] = mean(
+            bool(set(re.findall(r"\d{4}", a)[:1]) & set(s["codes"])) for a, s in zip(answers, samples)
+        )
     return results
 
 
@@ -631,16 +690,27 @@ class Budget(TrainerCallback):
     """A run's budget: `max_steps` or `minutes`, whichever ends first. It sets the learning rate (linear warm-up,
     then with `schedule="cosine"` a cosine decay to 0 over the budget's progress, so that a run cut by either limit
     ends with its learning rate decayed; with `"constant"` none), stops training at the end, and records held-out
-    exact match every `eval_every` steps."""
+    exact match every `eval_every` steps: on `samples`, and on each set of `other_samples` ({name: samples}) under
+    its name."""
 
     def __init__(
-        self, model, processor, samples, mode, max_steps, minutes, eval_every, warmup_steps=100, schedule="cosine"
+        self,
+        model,
+        processor,
+        samples,
+        mode,
+        max_steps,
+        minutes,
+        eval_every,
+        warmup_steps=100,
+        schedule="cosine",
+        other_samples=None,
     ):
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule: expected 'cosine' or 'constant', got {schedule!r}")
         self.model, self.processor, self.samples, self.mode = model, processor, samples, mode
         self.max_steps, self.minutes, self.eval_every, self.warmup_steps = max_steps, minutes, eval_every, warmup_steps
-        self.schedule = schedule
+        self.schedule, self.other_samples = schedule, other_samples or {}
         self.start, self.curve, self.step_times = None, [], []
 
     def elapsed_minutes(self) -> float:
@@ -672,6 +742,8 @@ class Budget(TrainerCallback):
                 "minutes": round(self.elapsed_minutes(), 2),
                 "held_out_exact_match": sum(hits) / len(hits),
             }
+            for name, samples in self.other_samples.items():
+                point[name] = mean(exact_match(self.model, self.processor, samples, self.mode))
             self.curve.append(point)
             print(json.dumps(point), flush=True)
         if self.progress(state.global_step) >= 1.0:
@@ -695,18 +767,28 @@ class BudgetTrainer(VisInContextTrainer):
 class RawStream(torch.utils.data.IterableDataset):
     """The raw-text baseline's samples: the haystack as tokens, then the question; trained on the answer."""
 
-    def __init__(self, processor, seed: int, max_pages: int, partial_page_share: float = 0.0, mix="single"):
+    def __init__(
+        self,
+        processor,
+        seed: int,
+        max_pages: int,
+        partial_page_share=0.0,
+        mix="single",
+        answer_form="code",
+        every_needle=False,
+    ):
         self.processor, self.seed, self.max_pages = processor, seed, max_pages
         self.partial_page_share, self.mix = partial_page_share, mix
+        self.answer_form, self.every_needle = answer_form, every_needle
 
     def __iter__(self):
-        haystacks = TrainingHaystacks(self.processor, self.seed, self.mix)
+        haystacks = TrainingHaystacks(self.processor, self.seed, self.mix, self.answer_form)
         while True:
             sample = training_haystack(haystacks, self.max_pages, self.partial_page_share)
             yield {
                 "images": [],
                 "prompt": sample["context"] + "\n" + prompt_of(sample),
-                "text": f"{answer_of(sample)}<|endofchunk|>",
+                "text": f"{answer_of(sample, self.every_needle)}<|endofchunk|>",
                 "context": None,
             }
 
@@ -748,16 +830,32 @@ def train(args) -> dict:
         reading_loss_weight=0.0 if mode == "raw" else args.reading_loss_weight,
         text_layers=args.text_layers,
     )
-    curve_set = evaluation_set(processor, args.seed + 1, per_cell=1, pages=(1, 4, 16), depths=(0.0, 0.5, 1.0))
-    budget = Budget(
-        model, processor, curve_set, mode, args.max_steps, args.minutes, args.eval_every, schedule=args.lr_schedule
+    form = args.answer_form
+    curve_set = evaluation_set(
+        processor, args.seed + 1, per_cell=1, pages=(1, 4, 16), depths=(0.0, 0.5, 1.0), answer_form=form
     )
+    # beside the first task, 4-key news haystacks: whether the question selects shows while the run goes on
+    four_keys = evaluation_set(
+        processor, args.seed + 1, 2, pages=(1, 4, 16), depths=(0.0, 0.5, 1.0), filler="news", keys=4, answer_form=form
+    )
+    budget = Budget(
+        model,
+        processor,
+        curve_set,
+        mode,
+        args.max_steps,
+        args.minutes,
+        args.eval_every,
+        schedule=args.lr_schedule,
+        other_samples={"multi_key_4_exact_match": four_keys} if args.families else None,
+    )
+    streamed = {"mix": args.mix, "answer_form": form, "every_needle": bool(args.answer_every_needle)}
     if mode == "raw":
-        dataset = RawStream(processor, args.seed, args.max_train_pages, args.partial_page_share, args.mix)
+        dataset = RawStream(processor, args.seed, args.max_train_pages, args.partial_page_share, **streamed)
         collator = VisInContextCollator(processor)
     else:
         blank = mode == "blank"
-        dataset = SampleStream(processor, args.seed, args.max_train_pages, blank, args.partial_page_share, args.mix)
+        dataset = SampleStream(processor, args.seed, args.max_train_pages, blank, args.partial_page_share, **streamed)
         if args.reading_context_latents:
             collator = LeftContextCollator(processor, (num_latents, cells), args.reading_context_latents)
         else:
@@ -794,7 +892,7 @@ def train(args) -> dict:
     if args.save_model:  # for probing afterwards (attention, other keys): the model and processor, as users save them
         model.save_pretrained(args.save_model)
         processor.save_pretrained(args.save_model)
-    final = evaluation_set(processor, args.seed + 2, per_cell=args.eval_per_cell)
+    final = evaluation_set(processor, args.seed + 2, per_cell=args.eval_per_cell, answer_form=form)
     results = {
         "stage": args.stage,
         "steps": trainer.state.global_step,
@@ -831,7 +929,7 @@ def train(args) -> dict:
         results["families"] = []
         for number, family in enumerate(FAMILIES):
             started = time.time()
-            figures = family_results(model, processor, family, args.seed + 3 + number, args.family_eval_per_cell)
+            figures = family_results(model, processor, family, args.seed + 3 + number, args.family_eval_per_cell, form)
             results["families"].append(figures)
             print(
                 f"{family['family']} ({family['filler']}, {family['keys']} keys): "
@@ -871,6 +969,8 @@ STAGE_SETTINGS = (
     "mix",
     "reading_context_latents",
     "text_layers",
+    "answer_form",
+    "answer_every_needle",
     "families",
     "family_eval_per_cell",
     "eval_every",
@@ -1045,6 +1145,21 @@ def parse_args(argv=None):
         help="layers of the byte-level language model, each with a gated cross-attention block before it",
     )
     parser.add_argument(
+        "--answer-form",
+        choices=ANSWER_FORMS,
+        default="code",
+        help="code: the question ends with 'Answer:' and the answer is the code; statement: the prompt is the needle "
+        "up to its value ('The access code of vault Q-17 is', RULER's answer prefix) and the answer is ' 4829.'",
+    )
+    parser.add_argument(
+        "--answer-every-needle",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: training answers go on to state every needle of the pages, one look-up by key each "
+        "(with --answer-form statement)",
+    )
+    parser.add_argument(
         "--families",
         type=int,
         choices=(0, 1),
@@ -1086,6 +1201,8 @@ def parse_args(argv=None):
     ):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
+    if args.answer_every_needle and args.answer_form != "statement":
+        parser.error("--answer-every-needle: needs --answer-form statement (a needle is stated as its sentence)")
     if args.reading_context_latents < 0:
         parser.error(f"--reading-context-latents: expected a number >= 0, got {args.reading_context_latents}")
     if args.reading_loss_weight < 0:

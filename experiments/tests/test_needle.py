@@ -236,6 +236,49 @@ def test_several_needles_each_with_its_own_vault_and_code_the_asked_one_at_its_d
         haystacks.sample(pages, 0.5, keys=keys, asked=keys + 1)
 
 
+@pytest.mark.parametrize("keys, asked", [(1, 1), (4, 1), (4, 2), (8, 1)])
+def test_the_statement_form_restates_the_key_before_its_value_and_every_needle_is_one_look_up(processor, keys, asked):
+    haystacks = needle.Haystacks(processor, held_out=True, seed=keys, filler="news", answer_form="statement")
+    sample = haystacks.sample(needle.pages_for_keys(keys), 0.5, keys=keys, asked=asked)
+    vaults, codes = sample["vaults"], sample["codes"]
+    prompt = needle.prompt_of(sample)
+    assert prompt.endswith(f"The access code of vault {vaults[0]} is")  # RULER's answer prefix
+    assert [v for v in vaults if v in prompt] == vaults[:asked] and len(prompt) < 60
+    # the question's answer: the first code, then each further asked needle stated in full
+    assert needle.answer_of(sample) == f" {codes[0]}." + "".join(
+        f" The access code of vault {v} is {c}." for v, c in zip(vaults[1:asked], codes[1:asked])
+    )
+    # a training answer states every needle once, the asked ones first, the others as key and value
+    stated = prompt[prompt.index("The access code") :] + needle.answer_of(sample, every_needle=True)
+    found = re.findall(r"([A-Z]-\d\d) is (\d{4})\.", stated)
+    assert found == list(zip(vaults, codes)) and len(found) == keys
+    assert all(needle.NEEDLE.format(vault=v, code=c) in sample["context"] for v, c in found)
+    assert stated.count("The access code of vault") == asked
+    assert needle.is_exact(needle.answer_of(sample), sample)
+    blind = needle.prompt_of(sample, key=False)
+    assert blind.endswith("The access code of the vault is") and not any(v in blind for v in vaults)
+    # what the model reads when its first digit is predicted: the key right before it
+    assert (prompt + needle.answer_of(sample))[: len(prompt) + 1].endswith(f"vault {vaults[0]} is ")
+
+
+def test_the_code_form_is_the_first_recipes_and_states_no_other_needle(processor):
+    sample = needle.Haystacks(processor, held_out=True, seed=0).sample(1, 0.5, keys=2)
+    assert needle.prompt_of(sample) == f"What is the access code of vault {sample['vault']}? Answer:"
+    with pytest.raises(ValueError, match="every_needle"):
+        needle.answer_of(sample, every_needle=True)
+    with pytest.raises(ValueError, match="answer_form"):
+        needle.Haystacks(processor, held_out=True, seed=0, answer_form="json")
+
+
+def test_the_absent_key_control_asks_for_a_vault_on_no_page(processor):
+    sample = needle.Haystacks(processor, held_out=True, seed=2, filler="news").sample(1, 0.5, keys=4)
+    for seed in range(20):
+        absent = needle.with_absent_vault(sample, random.Random(seed))
+        assert absent["vault"] not in sample["context"] and absent["vaults"][1:] == sample["vaults"][1:]
+        assert absent["context"] == sample["context"] and absent["codes"] == sample["codes"]
+        assert f"vault {absent['vault']}?" in needle.prompt_of(absent) and needle.is_held_out_vault(absent["vault"])
+
+
 def test_exact_match_and_another_needles_value_are_told_apart():
     sample = {"vaults": ["A-10", "B-11", "C-12"], "codes": ["1234", "5678", "9012"], "asked": 1}
     assert needle.is_exact(" 1234", sample) and not needle.answers_another_needle(" 1234", sample)
@@ -314,6 +357,8 @@ def test_left_context_targets_spell_each_latents_run_after_the_runs_before_it(pr
         ["--mix", "all"],
         ["--reading-context-latents", "-1"],
         ["--text-layers", "0"],
+        ["--answer-form", "json"],
+        ["--answer-every-needle", "1"],  # needs the statement form
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, argument):
