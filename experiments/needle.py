@@ -550,6 +550,11 @@ def answers_another_needle(answer: str, sample: dict) -> bool:
     return any(code in sample["codes"][sample["asked"] :] for code in given)
 
 
+def gives_a_needles_code(answer: str, sample: dict) -> bool:
+    """The answer's first code is one of the pages' needles' codes, asked or not."""
+    return bool(set(re.findall(r"\d{4}", answer)[:1]) & set(sample["codes"]))
+
+
 def exact_match(model, processor, samples: list[dict], mode: str, batch_size: int = 16) -> list[bool]:
     answers = generate_answers(model, processor, samples, mode, batch_size=batch_size)
     return [is_exact(answer, sample) for answer, sample in zip(answers, samples)]
@@ -638,20 +643,15 @@ def family_results(model, processor, family: dict, seed: int, per_cell: int, ans
     if family["keys"] > 1 and family["asked"] == 1:
         blind = generate_answers(model, processor, samples, "rendered", key=False)
         results["question_removed"] = mean(is_exact(a, s) for a, s in zip(blind, samples))
-        results["question_removed_any_needle"] = mean(
-            bool(set(re.findall(r"\d{4}", a)[:1]) & set(s["codes"])) for a, s in zip(blind, samples)
-        )
+        results["question_removed_any_needle"] = mean(gives_a_needles_code(a, s) for a, s in zip(blind, samples))
         results["question_removed_chance"] = 1 / family["keys"]
         # the same pages asked about a vault that is on none of them: a model that selects by the key has no needle
         # to prefer, one that copies some code gives it as often as when the key is there
         absent = [with_absent_vault(s, random.Random(f"absent-{seed}-{i}")) for i, s in enumerate(samples)]
         results["key_absent_any_needle"] = mean(
-            bool(set(re.findall(r"\d{4}", a)[:1]) & set(s["codes"]))
-            for a, s in zip(generate_answers(model, processor, absent, "rendered"), absent)
+            gives_a_needles_code(a, s) for a, s in zip(generate_answers(model, processor, absent, "rendered"), absent)
         )
-        results["any_needle"] = mean(
-            bool(set(re.findall(r"\d{4}", a)[:1]) & set(s["codes"])) for a, s in zip(answers, samples)
-        )
+        results["any_needle"] = mean(gives_a_needles_code(a, s) for a, s in zip(answers, samples))
     return results
 
 

@@ -284,6 +284,8 @@ def test_exact_match_and_another_needles_value_are_told_apart():
     assert needle.is_exact(" 1234", sample) and not needle.answers_another_needle(" 1234", sample)
     assert not needle.is_exact(" 5678", sample) and needle.answers_another_needle(" 5678", sample)
     assert not needle.is_exact(" 4321", sample) and not needle.answers_another_needle(" 4321", sample)
+    assert needle.gives_a_needles_code(" 5678", sample) and needle.gives_a_needles_code(" 1234.", sample)
+    assert not needle.gives_a_needles_code(" 4321 1234", sample)  # the first code given counts
     two = {**sample, "asked": 2}
     assert needle.is_exact(" 1234 5678", two) and not needle.is_exact(" 1234 9012", two)
     assert needle.answers_another_needle(" 1234 9012", two) and not needle.answers_another_needle(" 1234 567", two)
