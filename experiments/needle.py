@@ -385,15 +385,29 @@ def training_haystack(haystacks, max_pages: int, partial_page_share: float) -> d
 
 
 def training_sample(
-    haystacks, max_pages: int, blank: bool, partial_page_share: float = 0.0, every_needle: bool = False
+    haystacks,
+    max_pages: int,
+    blank: bool,
+    partial_page_share: float = 0.0,
+    every_needle: bool = False,
+    keyless_share: float = 0.0,
 ) -> dict:
     sample = training_haystack(haystacks, max_pages, partial_page_share)
     return {
         "images": [],
-        "prompt": prompt_of(sample),
+        "prompt": prompt_of(sample, key=not is_keyless(haystacks, keyless_share)),
         "text": f"{answer_of(sample, every_needle)}<|endofchunk|>",
         "context": blank_like(sample["context"]) if blank else sample["context"],
     }
+
+
+def is_keyless(haystacks, keyless_share: float) -> bool:
+    """Whether a training question leaves its key out (a `keyless_share` of them), answered with the first asked
+    needle's code all the same: a needle at a random depth, so that a model asked about no vault learns to give one
+    of the pages' codes at random (the "question removed" control's 1/k) rather than a code of none of them."""
+    if not keyless_share:  # (no draw at 0: the stream stays the same)
+        return False
+    return haystacks.rng.random() < keyless_share
 
 
 def blank_like(text: str) -> str:
@@ -412,15 +426,17 @@ class SampleStream(torch.utils.data.IterableDataset):
         mix="single",
         answer_form="code",
         every_needle=False,
+        keyless_share=0.0,
     ):
         self.processor, self.seed, self.max_pages, self.blank = processor, seed, max_pages, blank
         self.partial_page_share, self.mix = partial_page_share, mix
-        self.answer_form, self.every_needle = answer_form, every_needle
+        self.answer_form, self.every_needle, self.keyless_share = answer_form, every_needle, keyless_share
 
     def __iter__(self):
         haystacks = TrainingHaystacks(self.processor, self.seed, self.mix, self.answer_form)
+        settings = (self.partial_page_share, self.every_needle, self.keyless_share)
         while True:
-            yield training_sample(haystacks, self.max_pages, self.blank, self.partial_page_share, self.every_needle)
+            yield training_sample(haystacks, self.max_pages, self.blank, *settings)
 
 
 def evaluation_set(
@@ -779,18 +795,20 @@ class RawStream(torch.utils.data.IterableDataset):
         mix="single",
         answer_form="code",
         every_needle=False,
+        keyless_share=0.0,
     ):
         self.processor, self.seed, self.max_pages = processor, seed, max_pages
         self.partial_page_share, self.mix = partial_page_share, mix
-        self.answer_form, self.every_needle = answer_form, every_needle
+        self.answer_form, self.every_needle, self.keyless_share = answer_form, every_needle, keyless_share
 
     def __iter__(self):
         haystacks = TrainingHaystacks(self.processor, self.seed, self.mix, self.answer_form)
         while True:
             sample = training_haystack(haystacks, self.max_pages, self.partial_page_share)
+            key = not is_keyless(haystacks, self.keyless_share)
             yield {
                 "images": [],
-                "prompt": sample["context"] + "\n" + prompt_of(sample),
+                "prompt": sample["context"] + "\n" + prompt_of(sample, key=key),
                 "text": f"{answer_of(sample, self.every_needle)}<|endofchunk|>",
                 "context": None,
             }
@@ -852,7 +870,12 @@ def train(args) -> dict:
         schedule=args.lr_schedule,
         other_samples={"multi_key_4_exact_match": four_keys} if args.families else None,
     )
-    streamed = {"mix": args.mix, "answer_form": form, "every_needle": bool(args.answer_every_needle)}
+    streamed = {
+        "mix": args.mix,
+        "answer_form": form,
+        "every_needle": bool(args.answer_every_needle),
+        "keyless_share": args.keyless_share,
+    }
     if mode == "raw":
         dataset = RawStream(processor, args.seed, args.max_train_pages, args.partial_page_share, **streamed)
         collator = VisInContextCollator(processor)
@@ -974,6 +997,7 @@ STAGE_SETTINGS = (
     "text_layers",
     "answer_form",
     "answer_every_needle",
+    "keyless_share",
     "families",
     "family_eval_per_cell",
     "eval_every",
@@ -1163,6 +1187,13 @@ def parse_args(argv=None):
         "(with --answer-form statement)",
     )
     parser.add_argument(
+        "--keyless-share",
+        type=float,
+        default=0.0,
+        help="share of training questions that leave the vault out, answered with a needle's code at random "
+        "(so that the 'question removed' control measures a guess among the pages' codes)",
+    )
+    parser.add_argument(
         "--families",
         type=int,
         choices=(0, 1),
@@ -1216,6 +1247,8 @@ def parse_args(argv=None):
             f"--cells-per-latent: expected at least {-(-CELLS_PER_PAGE // args.latents)} (the {args.latents} latents "
             f"must cover the page's {CELLS_PER_PAGE} cells), got {args.cells_per_latent}"
         )
+    if not 0.0 <= args.keyless_share < 1.0:
+        parser.error(f"--keyless-share: expected a fraction from 0 to below 1, got {args.keyless_share}")
     if not 0.0 <= args.partial_page_share <= 1.0:
         parser.error(f"--partial-page-share: expected a fraction from 0 to 1, got {args.partial_page_share}")
     if not 1 <= args.max_train_pages <= max(PAGES):

@@ -279,6 +279,24 @@ def test_the_absent_key_control_asks_for_a_vault_on_no_page(processor):
         assert f"vault {absent['vault']}?" in needle.prompt_of(absent) and needle.is_held_out_vault(absent["vault"])
 
 
+def test_a_keyless_share_of_training_questions_names_no_vault_and_still_answers_a_needles_code(processor):
+    def stream(share):
+        haystacks = needle.TrainingHaystacks(processor, seed=5, mix="mixed", answer_form="statement")
+        return [needle.training_sample(haystacks, 1, False, 0.5, True, share) for _ in range(60)]
+
+    assert stream(0.0) == stream(0.0) and all("vault " in s["prompt"] for s in stream(0.0))  # no draw at 0
+    samples = stream(0.3)
+    keyless = [s for s in samples if s["prompt"] == "The access code of the vault is"]
+    assert 0.15 < len(keyless) / len(samples) < 0.45
+    for sample in keyless:  # the answer still starts with a code that stands on the pages, then states the others
+        first = re.match(r" (\d{4})\.", sample["text"]).group(1)
+        assert f"is {first}." in sample["context"]
+        stated = re.findall(r"([A-Z]-\d\d) is (\d{4})\.", sample["text"])
+        assert all(needle.NEEDLE.format(vault=v, code=c) in sample["context"] for v, c in stated)
+    # with the key the prompts are what they were; only the draw that makes a question keyless moves the stream on
+    assert all(s["prompt"].endswith(" is") for s in samples)
+
+
 def test_exact_match_and_another_needles_value_are_told_apart():
     sample = {"vaults": ["A-10", "B-11", "C-12"], "codes": ["1234", "5678", "9012"], "asked": 1}
     assert needle.is_exact(" 1234", sample) and not needle.answers_another_needle(" 1234", sample)
@@ -361,6 +379,7 @@ def test_left_context_targets_spell_each_latents_run_after_the_runs_before_it(pr
         ["--text-layers", "0"],
         ["--answer-form", "json"],
         ["--answer-every-needle", "1"],  # needs the statement form
+        ["--keyless-share", "1.0"],  # every question without its key would train no look-up
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, argument):
