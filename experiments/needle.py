@@ -36,6 +36,7 @@ rendered and raw side by side), `needle_curves.png`, `needle_compression.png`, `
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -427,16 +428,19 @@ class SampleStream(torch.utils.data.IterableDataset):
         answer_form="code",
         every_needle=False,
         keyless_share=0.0,
+        short_samples=0,
     ):
         self.processor, self.seed, self.max_pages, self.blank = processor, seed, max_pages, blank
         self.partial_page_share, self.mix = partial_page_share, mix
         self.answer_form, self.every_needle, self.keyless_share = answer_form, every_needle, keyless_share
+        self.short_samples = short_samples
 
     def __iter__(self):
         haystacks = TrainingHaystacks(self.processor, self.seed, self.mix, self.answer_form)
         settings = (self.partial_page_share, self.every_needle, self.keyless_share)
-        while True:
-            yield training_sample(haystacks, self.max_pages, self.blank, *settings)
+        for count in itertools.count():
+            max_pages = 1 if count < self.short_samples else self.max_pages
+            yield training_sample(haystacks, max_pages, self.blank, *settings)
 
 
 def evaluation_set(
@@ -796,15 +800,18 @@ class RawStream(torch.utils.data.IterableDataset):
         answer_form="code",
         every_needle=False,
         keyless_share=0.0,
+        short_samples=0,
     ):
         self.processor, self.seed, self.max_pages = processor, seed, max_pages
         self.partial_page_share, self.mix = partial_page_share, mix
         self.answer_form, self.every_needle, self.keyless_share = answer_form, every_needle, keyless_share
+        self.short_samples = short_samples
 
     def __iter__(self):
         haystacks = TrainingHaystacks(self.processor, self.seed, self.mix, self.answer_form)
-        while True:
-            sample = training_haystack(haystacks, self.max_pages, self.partial_page_share)
+        for count in itertools.count():
+            max_pages = 1 if count < self.short_samples else self.max_pages
+            sample = training_haystack(haystacks, max_pages, self.partial_page_share)
             key = not is_keyless(haystacks, self.keyless_share)
             yield {
                 "images": [],
@@ -875,6 +882,8 @@ def train(args) -> dict:
         "answer_form": form,
         "every_needle": bool(args.answer_every_needle),
         "keyless_share": args.keyless_share,
+        # one process reads the stream in order (no workers): a step is `batch_size` samples
+        "short_samples": args.long_pages_after * args.batch_size,
     }
     if mode == "raw":
         dataset = RawStream(processor, args.seed, args.max_train_pages, args.partial_page_share, **streamed)
@@ -998,6 +1007,7 @@ STAGE_SETTINGS = (
     "answer_form",
     "answer_every_needle",
     "keyless_share",
+    "long_pages_after",
     "families",
     "family_eval_per_cell",
     "eval_every",
@@ -1147,6 +1157,13 @@ def parse_args(argv=None):
         help="longest training haystack in pages (1: the model trains on one page and is asked about 1 to 16)",
     )
     parser.add_argument(
+        "--long-pages-after",
+        type=int,
+        default=0,
+        help="a curriculum: one-page haystacks for this many steps (reading is learned first), then 1 to "
+        "--max-train-pages pages (0: --max-train-pages from the start)",
+    )
+    parser.add_argument(
         "--partial-page-share",
         type=float,
         default=0.5,
@@ -1247,6 +1264,8 @@ def parse_args(argv=None):
             f"--cells-per-latent: expected at least {-(-CELLS_PER_PAGE // args.latents)} (the {args.latents} latents "
             f"must cover the page's {CELLS_PER_PAGE} cells), got {args.cells_per_latent}"
         )
+    if args.long_pages_after < 0:
+        parser.error(f"--long-pages-after: expected a number of steps >= 0, got {args.long_pages_after}")
     if not 0.0 <= args.keyless_share < 1.0:
         parser.error(f"--keyless-share: expected a fraction from 0 to below 1, got {args.keyless_share}")
     if not 0.0 <= args.partial_page_share <= 1.0:

@@ -1,5 +1,6 @@
 """experiments/needle.py: the needle-in-a-haystack experiment on the package's default page layout (issue: needle)."""
 
+import itertools
 import math
 import random
 import re
@@ -297,6 +298,16 @@ def test_a_keyless_share_of_training_questions_names_no_vault_and_still_answers_
     assert all(s["prompt"].endswith(" is") for s in samples)
 
 
+def test_the_curriculum_streams_one_page_haystacks_first_then_the_longer_ones(processor):
+    def pages(short_samples):
+        stream = needle.SampleStream(processor, 2, 8, False, 0.5, mix="mixed", short_samples=short_samples)
+        return [processor.renderer.render(s["context"]).__len__() for s in itertools.islice(iter(stream), 60)]
+
+    curriculum = pages(30)
+    assert max(curriculum[:30]) <= needle.pages_for_keys(8) and max(curriculum[30:]) > 2
+    assert max(pages(0)[:30]) > 2  # without it the long haystacks come from the start
+
+
 def test_exact_match_and_another_needles_value_are_told_apart():
     sample = {"vaults": ["A-10", "B-11", "C-12"], "codes": ["1234", "5678", "9012"], "asked": 1}
     assert needle.is_exact(" 1234", sample) and not needle.answers_another_needle(" 1234", sample)
@@ -379,7 +390,8 @@ def test_left_context_targets_spell_each_latents_run_after_the_runs_before_it(pr
         ["--text-layers", "0"],
         ["--answer-form", "json"],
         ["--answer-every-needle", "1"],  # needs the statement form
-        ["--keyless-share", "1.0"],  # every question without its key would train no look-up
+        ["--keyless-share", "1.0"],
+        ["--long-pages-after", "-1"],  # every question without its key would train no look-up
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, argument):
