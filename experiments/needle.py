@@ -787,38 +787,16 @@ class BudgetTrainer(VisInContextTrainer):
         return self.lr_scheduler
 
 
-class RawStream(torch.utils.data.IterableDataset):
-    """The raw-text baseline's samples: the haystack as tokens, then the question; trained on the answer."""
+class RawStream(SampleStream):
+    """The raw-text baseline's samples: the rendered runs' training samples with the haystack moved from the pages
+    into the prompt, as tokens before the question; trained on the answer."""
 
-    def __init__(
-        self,
-        processor,
-        seed: int,
-        max_pages: int,
-        partial_page_share=0.0,
-        mix="single",
-        answer_form="code",
-        every_needle=False,
-        keyless_share=0.0,
-        short_samples=0,
-    ):
-        self.processor, self.seed, self.max_pages = processor, seed, max_pages
-        self.partial_page_share, self.mix = partial_page_share, mix
-        self.answer_form, self.every_needle, self.keyless_share = answer_form, every_needle, keyless_share
-        self.short_samples = short_samples
+    def __init__(self, processor, seed: int, max_pages: int, partial_page_share=0.0, **streamed):
+        super().__init__(processor, seed, max_pages, False, partial_page_share, **streamed)
 
     def __iter__(self):
-        haystacks = TrainingHaystacks(self.processor, self.seed, self.mix, self.answer_form)
-        for count in itertools.count():
-            max_pages = 1 if count < self.short_samples else self.max_pages
-            sample = training_haystack(haystacks, max_pages, self.partial_page_share)
-            key = not is_keyless(haystacks, self.keyless_share)
-            yield {
-                "images": [],
-                "prompt": sample["context"] + "\n" + prompt_of(sample, key=key),
-                "text": f"{answer_of(sample, self.every_needle)}<|endofchunk|>",
-                "context": None,
-            }
+        for sample in super().__iter__():
+            yield {**sample, "prompt": sample["context"] + "\n" + sample["prompt"], "context": None}
 
 
 class LeftContextCollator(VisInContextCollator):

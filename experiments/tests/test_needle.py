@@ -308,6 +308,15 @@ def test_the_curriculum_streams_one_page_haystacks_first_then_the_longer_ones(pr
     assert max(pages(0)[:30]) > 2  # without it the long haystacks come from the start
 
 
+def test_the_raw_baseline_trains_on_the_same_questions_with_the_haystack_as_tokens(processor):
+    streamed = {"mix": "mixed", "answer_form": "statement", "every_needle": True, "keyless_share": 0.3}
+    rendered = needle.SampleStream(processor, 3, 4, False, 0.5, **streamed, short_samples=5)
+    raw = needle.RawStream(processor, 3, 4, 0.5, **streamed, short_samples=5)
+    for page, text in zip(itertools.islice(iter(rendered), 12), itertools.islice(iter(raw), 12)):
+        assert text["prompt"] == page["context"] + "\n" + page["prompt"] and text["context"] is None
+        assert text["text"] == page["text"] and text["images"] == []
+
+
 def test_exact_match_and_another_needles_value_are_told_apart():
     sample = {"vaults": ["A-10", "B-11", "C-12"], "codes": ["1234", "5678", "9012"], "asked": 1}
     assert needle.is_exact(" 1234", sample) and not needle.answers_another_needle(" 1234", sample)
