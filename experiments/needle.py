@@ -26,7 +26,8 @@ Runs (each in its own process, so that its peak memory is its own):
     python experiments/needle.py --stage rendered --max-steps 1500 --output-dir /tmp/needle   # the rendered run alone
     # several needles selected by their key (issue 38's best recipe so far, 27 minutes):
     python experiments/needle.py --stage rendered --mix mixed --reading-context-latents 2 --text-layers 4 \
-        --answer-form statement --answer-every-needle 1 --max-steps 8000 --minutes 27
+        --answer-form statement --answer-every-needle 1 --batch-size 8 --max-train-pages 8 \
+        --long-pages-after 4000 --keyless-share 0.05 --max-steps 20000 --minutes 27
 
 The learning rate warms up for 100 steps, then decays along a cosine to 0 at the end of the budget: `--max-steps`
 or `--minutes`, whichever comes first (the raw baseline's budget is the rendered run's wall-clock time).
